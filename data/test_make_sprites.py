@@ -1,0 +1,136 @@
+"""Tests for the built-in sprite set (data/images) and its generator.
+
+Run from the repository root with `python -m pytest -q`. The whole file reads
+the ~2,000 committed PNGs once and takes a few seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import make_sprites  # noqa: E402  (imported by path, see sys.path above)
+
+IMAGES = HERE / "images"
+FILES = sorted(IMAGES.glob("sprite_*.png"))
+
+
+@lru_cache(maxsize=1)
+def committed():
+    """All committed sprites as one (N, 128, 128, 4) uint8 array."""
+    return np.stack([np.asarray(Image.open(f)) for f in FILES])
+
+
+def test_there_are_enough_committed_images():
+    """At least 2,000 PNGs are committed, numbered 0..N-1 without holes."""
+    assert len(FILES) >= 2000
+    assert [f.name for f in FILES] == [f"sprite_{i:05d}.png" for i in range(len(FILES))]
+
+
+def test_make_sprite_is_deterministic():
+    """The same (seed, index) always gives the identical array; other indices differ."""
+    a = make_sprites.make_sprite(0, 7)
+    b = make_sprites.make_sprite(0, 7)
+    assert a.dtype == np.uint8 and a.shape == (128, 128, 4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, make_sprites.make_sprite(0, 8))
+    assert not np.array_equal(a, make_sprites.make_sprite(1, 7))
+
+
+def test_cli_reproduces_committed_files_byte_for_byte(tmp_path):
+    """`make_sprites.py --count 12` writes exactly the first 12 committed files."""
+    subprocess.run([sys.executable, str(HERE / "make_sprites.py"), "--count", "12",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    made = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in made] == [f.name for f in FILES[:12]]
+    for new, old in zip(made, FILES):
+        assert new.read_bytes() == old.read_bytes(), new.name
+
+
+def test_committed_images_are_clean_rgba():
+    """Every image is 128x128 RGBA, alpha is 0 or 255, and RGB is 0 where alpha is 0."""
+    for f in FILES[:50]:
+        im = Image.open(f)
+        assert im.mode == "RGBA" and im.size == (128, 128), f.name
+    x = committed()
+    alpha = x[..., 3]
+    assert np.isin(alpha, (0, 255)).all()
+    assert (x[..., :3][alpha == 0] == 0).all()
+
+
+def test_opaque_area_is_sensible():
+    """Each sprite covers between 8% and 60% of the image: a character, not a speck or a wall."""
+    frac = (committed()[..., 3] > 0).mean(axis=(1, 2))
+    assert frac.min() >= 0.08, frac.min()
+    assert frac.max() <= 0.60, frac.max()
+
+
+def test_no_duplicate_images():
+    """No two committed sprites are pixel-identical."""
+    x = committed()
+    hashes = {hashlib.sha256(img.tobytes()).hexdigest() for img in x}
+    assert len(hashes) == len(x)
+
+
+def test_images_are_made_of_4x4_blocks():
+    """On the default 32 grid each logical pixel is a constant 4x4 block."""
+    x = committed()
+    blocks = x.reshape(len(x), 32, 4, 32, 4, 4)
+    assert (blocks == blocks[:, :, :1, :, :1, :]).all()
+
+
+def test_grid_64_gives_2x2_blocks():
+    """A --grid 64 sprite is a valid 128x128 RGBA image built from 2x2 blocks."""
+    img = make_sprites.make_sprite(0, 3, grid=64)
+    assert img.shape == (128, 128, 4)
+    blocks = img.reshape(64, 2, 64, 2, 4)
+    assert (blocks == blocks[:, :1, :, :1, :]).all()
+    # ...and it really is finer than the 32 grid: some 4x4 blocks are not constant
+    coarse = img.reshape(32, 4, 32, 4, 4)
+    assert not (coarse == coarse[:, :1, :, :1, :]).all()
+
+
+def test_feet_share_one_baseline():
+    """The lowest opaque row is the same for every sprite: they all stand on one floor."""
+    alpha = committed()[..., 3] > 0
+    rows = alpha.any(axis=2)                                   # (N, 128)
+    lowest = 127 - np.argmax(rows[:, ::-1], axis=1)
+    assert lowest.max() - lowest.min() <= 2, np.unique(lowest)
+
+
+def test_sprites_are_roughly_centred():
+    """Each sprite's bounding box is horizontally centred to within one logical pixel."""
+    alpha = committed()[..., 3] > 0
+    cols = alpha.any(axis=1)                                   # (N, 128)
+    left = np.argmax(cols, axis=1)
+    right = 127 - np.argmax(cols[:, ::-1], axis=1)
+    assert np.abs((left + right) - 127).max() <= 4
+
+
+def test_set_is_varied():
+    """Many distinct silhouettes and every body kind occurs among the sprites."""
+    alpha = committed()[..., 3] > 0
+    masks = {np.packbits(a).tobytes() for a in alpha}
+    assert len(masks) >= 0.6 * len(alpha), len(masks)
+    kinds = {make_sprites.sprite_kind(0, i) for i in range(len(FILES))}
+    assert kinds == set(make_sprites.KINDS)
+    # the first 64 (the contact sheet) already show a good mix
+    first = {make_sprites.sprite_kind(0, i) for i in range(64)}
+    assert len(first) >= 6
+
+
+def test_contact_sheet_function():
+    """contact_sheet() tiles sprites 8 per row on an opaque checkerboard image."""
+    imgs = [make_sprites.make_sprite(0, i) for i in range(10)]
+    sheet = make_sprites.contact_sheet(imgs, cols=8)
+    assert sheet.mode == "RGB"
+    assert sheet.width > 8 * 128 and 2 * 128 < sheet.height < 3 * 128
