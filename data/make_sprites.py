@@ -140,6 +140,11 @@ def ramp(code):
     return tuple(out)
 
 
+def colour_distance(a, b):
+    """Plain Euclidean distance between two '#rrggbb' colours (0..441)."""
+    return float(np.linalg.norm(np.subtract(hex_rgb(a), hex_rgb(b))))
+
+
 def flat(code):
     """A ramp whose four tones are all the same colour (eyes, glints...)."""
     c = hex_rgb(code)
@@ -499,6 +504,10 @@ def choose_look(d, kind):
     look["hair_col"] = (d.pick(HAIR_FANTASY) if d.chance(0.15) else d.pick(HAIR_NATURAL))
     if kind in ("orc", "goblin", "dwarf"):
         look["hair_col"] = d.pick(HAIR_NATURAL[:8])
+    # Hair the same shade as the skin makes the face vanish: re-roll it from
+    # the natural colours until it clearly differs (deterministic, same dice).
+    while colour_distance(look["hair_col"], look["skin"]) < 80:
+        look["hair_col"] = d.pick(HAIR_NATURAL)
     look["beard"] = kind == "dwarf" or (kind == "human" and d.chance(0.12)) or \
         (kind == "orc" and d.chance(0.15))
     # Face.
