@@ -347,13 +347,10 @@ def download_weights(dest, progress=True):
                 out.write(chunk)
                 sha.update(chunk)
                 done += len(chunk)
-                if progress:
-                    if total:
-                        bar = "#" * int(30 * done / total)
-                        print(f"\rdownloading {WEIGHTS_NAME} [{bar:<30}] {done / 2**20:.1f}/{total / 2**20:.1f} MiB",
-                              end="", file=sys.stderr, flush=True)
-                    else:
-                        print(f"\rdownloading {WEIGHTS_NAME} {done / 2**20:.1f} MiB", end="", file=sys.stderr, flush=True)
+                if progress:  # "\r" returns to the start of the line, so the bar redraws in place
+                    size = f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB" if total else f"{done / 2**20:.1f} MiB"
+                    bar = f"[{'#' * int(30 * done / total):<30}] " if total else ""
+                    print(f"\rdownloading {WEIGHTS_NAME} {bar}{size}", end="", file=sys.stderr, flush=True)
         if progress:
             print(file=sys.stderr)
         digest = sha.hexdigest()
@@ -393,11 +390,18 @@ def load_inception(weights=None, device="cpu", allow_download=True, progress=Tru
     except Exception as e:
         raise FIDError(f"Could not read the weights file {path} ({type(e).__name__}: {e}).") from None
     model = FIDInceptionV3()
-    try:
-        model.load_state_dict(state, strict=True)  # every key, every shape, or fail
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FIDError(f"{path} is not the FID Inception weights file ({first}).") from None
+    if not isinstance(state, dict):
+        raise FIDError(f"{path} is not the FID Inception weights file (it holds no state dict).")
+    # Say in one line what is wrong before load_state_dict would say it in hundreds.
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != expected[k].shape]
+    if missing or unexpected or misshapen:
+        problems = [f"{len(keys)} {what} such as {keys[0]}" for keys, what in
+                    ((missing, "missing keys"), (unexpected, "unexpected keys"), (misshapen, "wrong shapes")) if keys]
+        raise FIDError(f"{path} is not the FID Inception weights file ({'; '.join(problems)}).")
+    model.load_state_dict(state, strict=True)  # every key, every shape, or fail
     return model.to(device).eval()
 
 
@@ -593,7 +597,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape:
         raise ValueError(f"The means have different shapes: {mu1.shape} and {mu2.shape}.")
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"Covariances of shapes {sigma1.shape} and {sigma2.shape} do not fit means of size {mu1.size}.")
+        raise ValueError(f"Covariances of shapes {sigma1.shape} and {sigma2.shape} "
+                         f"do not fit means of size {mu1.size}.")
     diff = mu1 - mu2
 
     # SciPy >= 1.16 deprecates sqrtm(..., disp=False), which used to return an
@@ -724,7 +729,8 @@ def load_stats_file(path):
     try:
         with np.load(path, allow_pickle=False) as data:
             if "mu" not in data or "sigma" not in data:
-                raise FIDError(f"{path} has no 'mu' and 'sigma' arrays (it holds: {', '.join(data.files) or 'nothing'}).")
+                held = ", ".join(data.files) or "nothing"
+                raise FIDError(f"{path} has no 'mu' and 'sigma' arrays (it holds: {held}).")
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     except FIDError:
         raise
