@@ -1,0 +1,1140 @@
+"""SpriteFlow: flow matching for 128x128 RGBA pixel-art characters, in one file.
+
+Read it top to bottom: data -> noise schedules -> Gaussian probability path ->
+time-conditioned U-Net -> ODE/SDE samplers -> EMA and LR schedule -> trainer ->
+command line. Time runs from t=0 (pure noise) to t=1 (data) everywhere.
+
+    pip install -r requirements.txt
+    python spriteflow.py train --data data/images            # CPU is fine
+    python spriteflow.py sample                              # newest run, 16 sprites
+    python spriteflow.py sample --sampler sde --steps 50 --trajectory
+    python spriteflow.py plot                                # loss curves -> PNG
+    python spriteflow.py bench                               # speed on this device
+    python -m pytest -q                                      # the tests
+
+On a GPU the same command picks CUDA, bf16 autocast and a wider working
+resolution by itself; several GPUs (or CPU processes) use torchrun:
+
+    python spriteflow.py train --data data/images --compile
+    torchrun --nproc_per_node 4 spriteflow.py train --data data/images
+"""
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one sentence, never as a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# 1. Data
+#
+# A sprite is a 128x128 RGBA image. We store the whole set once, decoded, as a
+# uint8 tensor of shape (N, 4, 128, 128): 2,000 sprites take 130 MB, which
+# fits on any device, so a training step is one random index into memory
+# instead of a PNG decode (the original project decoded every file again at
+# every step). Converting to floats happens per batch:
+#
+#     x = byte / 127.5 - 1        so every channel, alpha too, lies in [-1, 1].
+#
+# Pixel art must stay on its pixel grid, so resizing is nearest-neighbour only:
+# bilinear filtering would invent in-between colours and soft edges that no
+# sprite has. Non-square images are padded to a square with transparent pixels
+# (centred) before resizing, so characters are never stretched. Wherever alpha
+# is 0 we set RGB to 0: an invisible pixel's colour is arbitrary (editors leave
+# junk there) and the model should not spend capacity learning that junk.
+# -----------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = {".png", ".gif", ".webp", ".bmp"}
+
+
+def load_rgba(path, size=128):
+    """Decode one image file into a (size, size, 4) uint8 array (see above)."""
+    with Image.open(path) as img:
+        img.seek(0)  # first frame of an animated GIF/WebP
+        # convert() honours a palette's or a grey/RGB image's transparency key.
+        img = img.convert("RGBA")
+    w, h = img.size
+    if w != h:
+        side = max(w, h)
+        canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = canvas
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.NEAREST)
+    arr = np.array(img, dtype=np.uint8)  # (size, size, 4)
+    arr[arr[..., 3] == 0, :3] = 0
+    return arr
+
+
+def load_folder(folder, size=128):
+    """Every readable image under `folder` (recursively) -> ((N, 4, size, size) uint8, names).
+
+    An unreadable file among good ones is skipped with one warning naming it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"data folder '{folder}' does not exist or is not a folder")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise UserError(f"data folder '{folder}' contains no PNG, GIF, WebP or BMP images")
+    arrays, names = [], []
+    for p in paths:
+        try:
+            arrays.append(load_rgba(p, size))
+            names.append(str(p.relative_to(folder)))
+        except Exception as e:  # PIL raises many types for broken files
+            warnings.warn(f"skipping unreadable image {p}: {e}")
+    if not arrays:
+        raise UserError(f"none of the {len(paths)} images in '{folder}' could be read")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 4, size, size)
+    return x, names
+
+
+def split_train_val(names, val_fraction):
+    """Deterministic split: a file is held out when the hash of its name, read as a
+    number in [0, 1), falls below val_fraction.
+
+    Unlike a seeded shuffle, this keeps every sprite on its side of the split
+    when files are added to the folder later. Tiny folders still get one
+    validation sprite (the one with the smallest hash).
+    """
+    u = [zlib.crc32(name.encode()) / 2**32 for name in names]
+    val = [i for i in range(len(names)) if u[i] < val_fraction]
+    if not val and len(names) > 1 and val_fraction > 0:
+        val = [min(range(len(names)), key=u.__getitem__)]
+    train = [i for i in range(len(names)) if i not in set(val)]
+    return torch.tensor(train or val, dtype=torch.long), torch.tensor(val or train, dtype=torch.long)
+
+
+def to_float(x_uint8):
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x_uint8.float() / 127.5 - 1.0
+
+
+def to_uint8(x, binary_alpha=True):
+    """float (B, 4, H, W) in about [-1, 1] -> uint8 (B, H, W, 4), ready for PNG.
+
+    Pixel art has binary alpha, so by default alpha is snapped to 0 or 255 and
+    transparent pixels get RGB 0, the same convention the loader enforces.
+    """
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = x.permute(0, 2, 3, 1).cpu().contiguous()  # (B, H, W, 4)
+    if binary_alpha:
+        alpha = torch.where(x[..., 3] >= 128, 255, 0).to(torch.uint8)
+        x[..., 3] = alpha
+        x[..., :3] *= (alpha > 0).unsqueeze(-1).to(torch.uint8)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# 2. Noise schedules
+#
+# A schedule is a pair of scalar functions of time with
+#
+#     alpha_0 = 0, alpha_1 = 1        (how much data is in x_t)
+#     beta_0  = 1, beta_1  = 0        (how much noise is in x_t)
+#
+# and we need their exact time derivatives d_alpha, d_beta for the vector
+# field in section 3. Two classics:
+#
+#     linear:  alpha = t,            beta = 1 - t            (rectified flow)
+#     cosine:  alpha = sin(pi t/2),  beta = cos(pi t/2)      (alpha^2 + beta^2 = 1)
+#
+# The original project's cosine schedule missed these boundary values, so its
+# path did not start at pure noise or end at pure data; here a property test
+# checks the four boundary values and the derivatives against autograd.
+# -----------------------------------------------------------------------------
+
+SCHEDULES = ("linear", "cosine")
+
+
+def schedule(name, t):
+    """(alpha, beta, d_alpha, d_beta) at time t (a tensor of any shape)."""
+    if name == "linear":
+        one = torch.ones_like(t)
+        return t, 1 - t, one, -one
+    if name == "cosine":
+        # beta is written as sin(pi (1-t)/2) (= cos(pi t/2)) so that both
+        # endpoints come out exact in floating point: sin(0) is exactly 0.
+        half_pi = math.pi / 2
+        alpha, beta = torch.sin(half_pi * t), torch.sin(half_pi * (1 - t))
+        return alpha, beta, half_pi * beta, -half_pi * alpha
+    raise ValueError(f"unknown schedule {name!r}; choose from {SCHEDULES}")
+
+
+# -----------------------------------------------------------------------------
+# 3. The Gaussian conditional probability path
+#
+# Fix one data point z (a sprite). The conditional path blends noise into it:
+#
+#     x_t = alpha_t z + beta_t eps,   eps ~ N(0, I)
+#     p_t(x | z) = N(x; alpha_t z, beta_t^2 I)
+#
+# so x_0 = eps is pure noise and x_1 = z is the sprite. Differentiating x_t in
+# t for fixed (z, eps) gives the conditional vector field that moves along it:
+#
+#     u_t(x | z) = d_alpha z + d_beta eps = d_alpha z + (d_beta / beta)(x - alpha z)
+#
+# and the conditional score is the gradient of the Gaussian's log-density:
+#
+#     grad log p_t(x | z) = -(x - alpha z) / beta^2
+#
+# Flow matching trains a network u_theta(x, t) to regress u_t(x_t | z) over
+# random (z, t, eps). The minimiser is the marginal vector field u_t(x) =
+# E[u_t(x | z) | x_t = x], whose ODE carries N(0, I) to the data distribution.
+#
+# Vector field <-> score. Both are linear in (x, z) for a Gaussian path, so we
+# can eliminate z. From the score, z = (x + beta^2 score) / alpha; put that into
+# u_t and solve for the score:
+#
+#     score = (alpha u - d_alpha x) / (beta (beta d_alpha - alpha d_beta))
+#
+# The same identity holds for the marginals (both sides are conditional
+# expectations given x), so a trained vector field gives us the score the SDE
+# sampler needs, for free. The denominator vanishes as beta -> 0 (t -> 1):
+# the data distribution's score is undefined there, which the SDE handles by
+# scaling its noise with beta (section 5).
+# -----------------------------------------------------------------------------
+
+
+def expand(t, x):
+    """Broadcast per-sample times (B,) against images (B, C, H, W)."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def sample_path(z, t, eps, sched):
+    """x_t = alpha_t z + beta_t eps."""
+    alpha, beta, _, _ = schedule(sched, expand(t, z))
+    return alpha * z + beta * eps
+
+
+def conditional_vector_field(z, t, eps, sched):
+    """u_t(x_t | z) = d_alpha z + d_beta eps, which is d/dt x_t for fixed (z, eps)."""
+    _, _, d_alpha, d_beta = schedule(sched, expand(t, z))
+    return d_alpha * z + d_beta * eps
+
+
+def conditional_score(x, z, t, sched):
+    """grad_x log N(x; alpha_t z, beta_t^2 I) = -(x - alpha_t z) / beta_t^2."""
+    alpha, beta, _, _ = schedule(sched, expand(t, x))
+    return -(x - alpha * z) / beta**2
+
+
+def score_from_vector_field(u, x, t, sched):
+    """score = (alpha u - d_alpha x) / (beta (beta d_alpha - alpha d_beta)); needs beta > 0."""
+    alpha, beta, d_alpha, d_beta = schedule(sched, expand(t, x))
+    return (alpha * u - d_alpha * x) / (beta * (beta * d_alpha - alpha * d_beta))
+
+
+# What the network predicts. The obvious target is the velocity u itself. But
+# the U-Net works on pixel-unshuffled patches (section 4): at 1/4 resolution
+# each position holds a 4x4x4 = 64-number patch. A sprite's patch is nearly
+# constant (it lies on a low-dimensional set), while the noise part of the
+# velocity, d_beta eps, is a full 64-dimensional Gaussian that the network
+# must reproduce exactly; its failures show up as colour speckle. Predicting
+# the clean sprite instead ("data" or x-prediction) asks only for the
+# low-dimensional part, and we turn it back into a velocity by putting
+# eps = (x - alpha z_hat) / beta into u_t(x | z):
+#
+#     u = d_alpha z_hat + d_beta (x - alpha z_hat) / max(beta, BETA_MIN)
+#
+# The clamp keeps t -> 1 finite. The loss is always measured on velocities,
+# so both targets optimise the same flow-matching objective (for x-prediction
+# it is an x-loss weighted by (d_alpha - d_beta alpha / beta)^2).
+
+TARGETS = ("velocity", "data")
+BETA_MIN = 0.05
+
+
+def velocity_from_data(z_hat, x, t, sched):
+    """Turn a predicted clean sprite into a velocity (see above)."""
+    alpha, beta, d_alpha, d_beta = schedule(sched, expand(t, x))
+    return d_alpha * z_hat + d_beta * (x - alpha * z_hat) / beta.clamp(min=BETA_MIN)
+
+
+def velocity_from_output(out, x, t, target, sched):
+    """The network's raw output -> the vector field u_theta(x, t)."""
+    return out if target == "velocity" else velocity_from_data(out, x, t, sched)
+
+
+# -----------------------------------------------------------------------------
+# 4. Time-conditioned U-Net
+#
+# u_theta(x, t): an image-to-image network told the time t.
+#
+# * Time embedding: t is turned into sinusoids sin(1000 t w_k), cos(1000 t w_k)
+#   with geometrically spaced frequencies w_k, then an MLP; every residual
+#   block turns it into a per-channel scale and shift of its features.
+# * Residual blocks normalise with GroupNorm. BatchNorm (the original's choice)
+#   normalises with statistics of the whole batch, so one sprite's output
+#   would depend on which other sprites share its batch, and training (batch
+#   statistics) would differ from sampling (running averages) across the very
+#   different noise levels t. GroupNorm looks at one sample only.
+# * Skip connections carry fine detail from each down level to its up level.
+# * Self-attention runs where the feature map is smallest (8x8 by default),
+#   where it is cheap and lets the whole character coordinate, e.g. both arms.
+# * The output layer starts at zero, so the untrained network predicts u = 0
+#   (or z_hat = 0) and early training is stable.
+# * Pixel-unshuffle stem: a 128x128x4 image is rearranged losslessly into a
+#   32x32x64 tensor (factor 4) before the first convolution, and pixel-shuffle
+#   undoes it at the end. Convolutions then touch 16x fewer positions, which
+#   is what makes CPU training practical. Pixel art drawn on a coarse grid
+#   loses nothing: a 4x4 block of one colour becomes one position.
+# -----------------------------------------------------------------------------
+
+
+def group_norm(channels):
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, 4 * dim))
+
+    def forward(self, t):
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+        angles = 1000.0 * t.float()[:, None] * freqs[None]  # (B, dim/2)
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))  # (B, 4 dim)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, t_dim):
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time = nn.Linear(t_dim, 2 * c_out)
+        self.norm2 = group_norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x, t_emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.time(F.silu(t_emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return self.skip(x) + self.conv2(F.silu(h))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, channels, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """u_theta(x, t) for x of shape (B, 4, 128, 128) and t of shape (B,).
+
+    `target` and `schedule` say what the raw output means (section 3), so a
+    loaded checkpoint knows how to turn its output into a velocity.
+    """
+
+    def __init__(self, channels=(64, 128, 256), blocks=2, unshuffle=4, target="data", schedule="linear"):
+        super().__init__()
+        self.target, self.schedule = target, schedule
+        c0, t_dim = channels[0], 4 * channels[0]
+        patch = 4 * unshuffle * unshuffle  # channels after pixel-unshuffle
+        self.time_embedding = TimeEmbedding(c0)
+        self.stem = nn.Sequential(nn.PixelUnshuffle(unshuffle), nn.Conv2d(patch, c0, 3, padding=1))
+        self.down, skip_channels, ch = nn.ModuleList(), [c0], c0
+        for level, c in enumerate(channels):
+            for _ in range(blocks):
+                self.down.append(ResBlock(ch, c, t_dim))
+                ch = c
+                skip_channels.append(ch)
+            if level < len(channels) - 1:
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # halve H, W
+                skip_channels.append(ch)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, t_dim), SelfAttention(ch), ResBlock(ch, ch, t_dim)])
+        self.up = nn.ModuleList()
+        for level, c in reversed(list(enumerate(channels))):
+            for _ in range(blocks + 1):
+                self.up.append(ResBlock(ch + skip_channels.pop(), c, t_dim))
+                ch = c
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.head = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, patch, 3, padding=1), nn.PixelShuffle(unshuffle))
+        nn.init.zeros_(self.head[2].weight)
+        nn.init.zeros_(self.head[2].bias)
+
+    def forward(self, x, t):
+        t_emb = self.time_embedding(t)
+        h = self.stem(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
+        for layer in self.up:
+            h = layer(torch.cat([h, skips.pop()], dim=1), t_emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.head(h)  # (B, 4, 128, 128)
+
+    def velocity(self, x, t):
+        return velocity_from_output(self(x, t), x, t, self.target, self.schedule)
+
+
+# -----------------------------------------------------------------------------
+# 5. Samplers
+#
+# Sampling integrates from noise X_0 ~ N(0, I) at t=0 to a sprite at t=1 on the
+# uniform grid t_i = i h, h = 1/N.
+#
+# Euler ODE (first order, global error O(h)):
+#     X_{i+1} = X_i + h u(X_i, t_i)
+# Heun ODE (second order, O(h^2); two network calls per step):
+#     X'      = X_i + h u(X_i, t_i)
+#     X_{i+1} = X_i + h/2 [u(X_i, t_i) + u(X', t_{i+1})]
+# Euler-Maruyama for the Langevin-corrected SDE, which has the same marginals
+# p_t as the ODE for any noise level sigma_t:
+#     dX = [u_t(X) + 1/2 sigma_t^2 score_t(X)] dt + sigma_t dW
+#     X_{i+1} = X_i + h [u + 1/2 sigma_t^2 score] + sigma_t sqrt(h) xi,  xi ~ N(0, I)
+# The step ADDS the drift and draws Gaussian noise, once per step (the
+# original multiplied and drew uniform noise). We use sigma_t = sigma beta_t:
+# the score behaves like 1/beta near t=1, so sigma_t^2 score -> 0 and the last
+# steps stay finite, and no noise is injected at the data end.
+# -----------------------------------------------------------------------------
+
+SAMPLERS = ("euler", "heun", "sde")
+
+
+def time_grid(x, i, h):
+    return torch.full((x.shape[0],), i * h, device=x.device)  # (B,)
+
+
+@torch.no_grad()
+def sample_euler(velocity, x, steps, frames=None):
+    h = 1.0 / steps
+    for i in range(steps):
+        x = x + h * velocity(x, time_grid(x, i, h))
+        if frames is not None:
+            frames.append(x)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(velocity, x, steps, frames=None):
+    h = 1.0 / steps
+    for i in range(steps):
+        u = velocity(x, time_grid(x, i, h))
+        x_euler = x + h * u
+        x = x + 0.5 * h * (u + velocity(x_euler, time_grid(x, i + 1, h)))
+        if frames is not None:
+            frames.append(x)
+    return x
+
+
+@torch.no_grad()
+def sample_sde(velocity, x, steps, sched, sigma=1.0, score=None, generator=None, frames=None):
+    """Euler-Maruyama; `score` defaults to the one implied by `velocity` (section 3)."""
+    h = 1.0 / steps
+    for i in range(steps):
+        t = time_grid(x, i, h)
+        u = velocity(x, t)
+        s = score(x, t) if score is not None else score_from_vector_field(u, x, t, sched)
+        sigma_t = sigma * expand(schedule(sched, t)[1], x)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + h * (u + 0.5 * sigma_t**2 * s) + sigma_t * math.sqrt(h) * noise
+        if frames is not None:
+            frames.append(x)
+    return x
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA; elsewhere (or disabled) a no-op context."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_size=64, sigma=1.0, frames=None):
+    """n sprites as a uint8 (n, 128, 128, 4) tensor. Noise comes from a CPU generator
+    seeded with `seed`, so the same seed gives the same sprites on any device."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+
+    def velocity(x, t):
+        with autocast(device):
+            return model.velocity(x, t).float()
+
+    out = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        x = torch.randn(b, 4, 128, 128, generator=gen).to(device)  # (b, 4, 128, 128), t=0
+        keep = frames if start == 0 else None  # frames[i]: the first batch after i steps
+        if keep is not None:
+            keep.append(x)
+        if sampler == "euler":
+            x = sample_euler(velocity, x, steps, keep)
+        elif sampler == "heun":
+            x = sample_heun(velocity, x, steps, keep)
+        elif sampler == "sde":
+            noise_gen = torch.Generator(device).manual_seed(seed + 1 + start)
+            x = sample_sde(velocity, x, steps, model.schedule, sigma, generator=noise_gen, frames=keep)
+        else:
+            raise UserError(f"unknown sampler '{sampler}'; choose from {', '.join(SAMPLERS)}")
+        out.append(to_uint8(x))
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# 6. Training helpers: EMA, learning-rate schedule
+#
+# EMA: sampling uses an exponential moving average of the weights,
+#     theta_ema <- d theta_ema + (1 - d) theta,
+# which averages out the noise of the last steps of SGD. A fixed d = 0.999
+# remembers ~1000 steps, so early on it would be dominated by the random
+# initialisation; the warm-up d_k = min(d, (1 + k) / (10 + k)) lets the
+# average track the model closely at first and slow down as training goes.
+#
+# LR: linear warm-up from 0 for `warmup` steps (Adam's second-moment estimates
+# are poor at the start), then cosine decay to `min_lr_ratio` of the peak at
+# max_steps. The LR is a pure function of the step, so resuming a run only
+# needs the step count to restore the schedule exactly.
+# -----------------------------------------------------------------------------
+
+
+def ema_decay(step, max_decay):
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, step, max_decay):
+    d = ema_decay(step, max_decay)
+    ema_params, params = list(ema_model.parameters()), [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1 - d)
+    return d
+
+
+def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -----------------------------------------------------------------------------
+# 7. Trainer
+#
+# One training step, for a batch of sprites z:
+#     t   ~ p(t)            uniform, or logit-normal: t = sigmoid(n), n ~ N(0, 1)
+#     eps ~ N(0, I)
+#     x_t = alpha_t z + beta_t eps
+#     L   = || u_theta(x_t, t) - u_t(x_t | z) ||^2
+# Logit-normal puts more samples at middle times, where the prediction is
+# hardest (at t near 0 the answer is roughly the data mean, near 1 it can be
+# read off x_t); the per-t-bucket losses in the CSV show this.
+#
+# The validation metric is the same loss on the held-out sprites at FIXED
+# seeds for t (uniform, whatever the training p(t)) and eps, so it changes
+# only when the weights change and can be compared across steps and runs.
+# It is computed with the EMA weights, the ones that sample, and picks best.pt.
+#
+# Checkpoints are written to a temporary file and renamed over the old one,
+# so a crash mid-write never leaves a half-written last.pt. They hold only
+# tensors, numbers and strings, so torch.load(..., weights_only=True) can read
+# them without running arbitrary pickled code.
+# -----------------------------------------------------------------------------
+
+T_BUCKETS = 5
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str = dataclasses.field(default="data/images", metadata={"help": "folder of sprites (searched recursively)"})
+    run_dir: str = dataclasses.field(default="", metadata={"help": "output folder (default: a new folder under runs/)"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --run-dir from its last.pt"})
+    max_steps: int = dataclasses.field(default=20000, metadata={"help": "optimizer steps to train for"})
+    max_minutes: float = dataclasses.field(default=0.0, metadata={"help": "also stop (and save) after this many minutes; 0 = no limit"})
+    batch_size: int = dataclasses.field(default=32, metadata={"help": "sprites per step (per process under torchrun)"})
+    lr: float = dataclasses.field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup: int = dataclasses.field(default=200, metadata={"help": "linear LR warm-up steps"})
+    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    ema: float = dataclasses.field(default=0.999, metadata={"help": "EMA decay (after its warm-up)"})
+    schedule: str = dataclasses.field(default="linear", metadata={"help": "noise schedule: linear | cosine"})
+    target: str = dataclasses.field(default="data", metadata={"help": "what the network predicts: data | velocity"})
+    t_dist: str = dataclasses.field(default="logit-normal", metadata={"help": "training time distribution: uniform | logit-normal"})
+    channels: str = dataclasses.field(default="32,64,128", metadata={"help": "U-Net widths per level"})
+    blocks: int = dataclasses.field(default=2, metadata={"help": "residual blocks per level"})
+    unshuffle: int = dataclasses.field(default=0, metadata={"help": "pixel-unshuffle factor 1, 2 or 4; 0 = 4 on CPU, 2 on GPU"})
+    flip: bool = dataclasses.field(default=True, metadata={"help": "random horizontal flips"})
+    val_fraction: float = dataclasses.field(default=0.05, metadata={"help": "share of sprites held out for validation"})
+    log_every: int = dataclasses.field(default=25, metadata={"help": "steps between CSV rows"})
+    val_every: int = dataclasses.field(default=250, metadata={"help": "steps between validation + checkpoint"})
+    sample_every: int = dataclasses.field(default=500, metadata={"help": "steps between sample grids"})
+    sample_steps: int = dataclasses.field(default=20, metadata={"help": "Heun steps for the sample grids"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "random seed (runs are reproducible)"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
+    bf16: bool = dataclasses.field(default=False, metadata={"help": "bf16 autocast on CPU too (always on for CUDA)"})
+    compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model"})
+
+
+def check_config(cfg):
+    """Reject bad values with one sentence each, before any work starts."""
+    positive = ["max_steps", "batch_size", "blocks", "log_every", "val_every", "sample_every", "sample_steps"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)}")
+    if not cfg.lr > 0 or cfg.max_minutes < 0 or cfg.warmup < 0 or cfg.grad_clip <= 0:
+        raise UserError("--lr and --grad-clip must be positive, --warmup and --max-minutes not negative")
+    if not 0 <= cfg.ema < 1 or not 0 <= cfg.val_fraction < 1:
+        raise UserError("--ema and --val-fraction must lie in [0, 1)")
+    for name, value, allowed in [("schedule", cfg.schedule, SCHEDULES), ("target", cfg.target, TARGETS),
+                                 ("t-dist", cfg.t_dist, ("uniform", "logit-normal")), ("unshuffle", cfg.unshuffle, (0, 1, 2, 4)),
+                                 ("device", cfg.device, ("auto", "cpu", "cuda", "mps"))]:
+        if value not in allowed:
+            raise UserError(f"--{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    try:
+        widths = parse_channels(cfg.channels)
+    except ValueError:
+        raise UserError(f"--channels must be comma-separated positive integers, got {cfg.channels!r}")
+    if any(c % 8 for c in widths) or len(widths) > 4:
+        raise UserError("--channels needs at most 4 widths, each a multiple of 8")
+
+
+def parse_channels(text):
+    widths = tuple(int(c) for c in text.split(","))
+    if not widths or min(widths) <= 0:
+        raise ValueError(text)
+    return widths
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but MPS is not available")
+    return torch.device(name)
+
+
+def build_model(cfg, device):
+    unshuffle = cfg.unshuffle or (4 if device.type == "cpu" else 2)
+    return UNet(parse_channels(cfg.channels), cfg.blocks, unshuffle, cfg.target, cfg.schedule)
+
+
+def sample_t(n, t_dist, generator, device):
+    if t_dist == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+
+
+def flow_matching_loss(model, z, t, eps, target, sched):
+    """Per-sample loss (B,): || u_theta(x_t, t) - u_t(x_t | z) ||^2, averaged over pixels.
+
+    `model` may be a DDP wrapper, so it is called, not asked for .velocity().
+    For x-prediction the regression target goes through the same clamped map
+    as the prediction, so a perfect z_hat = z gives exactly zero loss.
+    """
+    x_t = sample_path(z, t, eps, sched)
+    u_pred = velocity_from_output(model(x_t, t).float(), x_t, t, target, sched)
+    u_true = conditional_vector_field(z, t, eps, sched) if target == "velocity" else velocity_from_data(z, x_t, t, sched)
+    return (u_pred - u_true).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def validation_loss(model, val_x, cfg, device, batch_size=64):
+    """Mean flow-matching loss on held-out sprites at fixed seeds (see above)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1234)
+    total = 0.0
+    for start in range(0, len(val_x), batch_size):
+        z = to_float(val_x[start:start + batch_size])
+        t = torch.rand(len(z), generator=gen).to(device)
+        eps = torch.randn(z.shape, generator=gen).to(device)
+        with autocast(device):
+            total += flow_matching_loss(model, z, t, eps, cfg.target, cfg.schedule).sum().item()
+    return total / len(val_x)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: the old file survives any crash."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        TrainConfig(**ckpt["config"]), ckpt["ema"], ckpt["model"], ckpt["step"]
+    except Exception:
+        raise UserError(f"checkpoint '{path}' is corrupt or not a SpriteFlow checkpoint")
+    return ckpt
+
+
+def load_model_from_checkpoint(path, device="cpu"):
+    """The EMA weights of a checkpoint as a ready-to-sample UNet (eval mode)."""
+    ckpt = read_checkpoint(path)
+    cfg = TrainConfig(**ckpt["config"])
+    model = UNet(parse_channels(cfg.channels), cfg.blocks, ckpt["unshuffle"], cfg.target, cfg.schedule)
+    try:
+        model.load_state_dict(ckpt["ema"])
+    except RuntimeError:
+        raise UserError(f"checkpoint '{path}' does not match the model its config describes")
+    return model.to(device).eval()
+
+
+def sprite_sheet(images, cols=None, scale=1, checker=8):
+    """uint8 (N, H, W, 4) -> one RGB image on a grey checkerboard (shows transparency)."""
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    yy, xx = np.mgrid[: rows * h, : cols * w]
+    board = np.where(((yy // checker) + (xx // checker)) % 2 == 0, 208, 232).astype(np.uint8)
+    sheet = Image.fromarray(board).convert("RGB")
+    for i, img in enumerate(images.numpy() if torch.is_tensor(images) else images):
+        tile = Image.fromarray(img, "RGBA")
+        sheet.paste(tile, ((i % cols) * w, (i // cols) * h), tile)
+    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale > 1 else sheet
+
+
+def setup_distributed(device):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK;
+    each process then trains on its own shard and DDP averages gradients."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def new_run_dir():
+    base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir, k = base, 1
+    while run_dir.exists():
+        run_dir, k = Path(f"{base}-{k}"), k + 1
+    return run_dir
+
+
+def progress(step, max_steps, loss, img_s, elapsed):
+    width = 24
+    filled = int(width * step / max_steps)
+    eta = (max_steps - step) * elapsed / max(step, 1)
+    bar = "#" * filled + "-" * (width - filled)
+    line = f"step {step}/{max_steps} [{bar}] loss {loss:.4f} {img_s:.1f} img/s eta {eta / 60:.0f} min"
+    end = "\r" if sys.stderr.isatty() else "\n"
+    print(line, end=end, file=sys.stderr, flush=True)
+
+
+def train(cfg, stop_after=None):
+    """Train per `cfg`; returns the run folder. `stop_after` ends the loop early at
+    that step as if interrupted (the tests use it to check resuming)."""
+    check_config(cfg)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    is_main = rank == 0
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else new_run_dir()
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    ckpt = None
+    if cfg.resume:
+        if not cfg.run_dir:
+            raise UserError("--resume needs --run-dir to say which run to continue")
+        ckpt = read_checkpoint(last_path)
+        # The recipe comes from the checkpoint; only how long to go on and where
+        # the data lives come from this command line.
+        cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), resume=True, run_dir=str(run_dir),
+                                  data=cfg.data, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes)
+    elif last_path.exists():
+        raise UserError(f"'{run_dir}' already holds a checkpoint; add --resume to continue it or pick another --run-dir")
+
+    data, names = load_folder(cfg.data)
+    train_idx, val_idx = split_train_val(names, cfg.val_fraction)
+    train_x = data[train_idx][rank::world].to(device)  # (N_train / world, 4, 128, 128) uint8
+    val_x = data[val_idx][:512].to(device)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = build_model(cfg, device).to(device)
+    unshuffle = model.stem[0].downscale_factor
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
+    step, best_val = 0, float("inf")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, best_val = ckpt["step"], ckpt["best_val"]
+        if rank == 0:
+            gen.set_state(ckpt["rng"].to(gen.get_state().device))
+        else:
+            gen.manual_seed(cfg.seed * 1000 + rank + 7919 * step)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    use_bf16 = device.type == "cuda" or cfg.bf16
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{len(data)} sprites ({len(train_idx)} train, {len(val_idx)} val) from {cfg.data}; "
+              f"{n_params / 1e6:.1f}M parameters at {128 // unshuffle}x{128 // unshuffle} working resolution; "
+              f"device {device}{' x' + str(world) if world > 1 else ''}{', bf16' if use_bf16 else ''}; run folder {run_dir}",
+              file=sys.stderr)
+        log_path = run_dir / "training_log.csv"
+        columns = ["step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "val_loss"] + [f"loss_t{k}" for k in range(T_BUCKETS)]
+        new_log = not (cfg.resume and log_path.exists())
+        log_file = open(log_path, "w" if new_log else "a", newline="")
+        log = csv.writer(log_file)
+        if new_log:
+            log.writerow(columns)
+        fixed_noise_seed = cfg.seed + 12345
+
+    def checkpoint_state():
+        return {"model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": opt.state_dict(),
+                "step": step, "best_val": best_val, "rng": gen.get_state().cpu(), "config": dataclasses.asdict(cfg),
+                "unshuffle": unshuffle}
+
+    bucket_sum, bucket_n = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)
+    loss_sum, grad_sum, window_steps = 0.0, 0.0, 0
+    start_time = window_time = time.time()
+    start_step = step
+    interrupted = False
+    try:
+        while step < cfg.max_steps:
+            if stop_after is not None and step >= stop_after:
+                break
+            if cfg.max_minutes and time.time() - start_time > 60 * cfg.max_minutes:
+                break
+            model.train()
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(len(train_x), (cfg.batch_size,), generator=gen, device=device)
+            z = to_float(train_x[idx])  # (B, 4, 128, 128) in [-1, 1]
+            if cfg.flip:
+                flip = torch.rand(cfg.batch_size, generator=gen, device=device) < 0.5
+                z = torch.where(expand(flip, z), z.flip(-1), z)
+            t = sample_t(cfg.batch_size, cfg.t_dist, gen, device)  # (B,)
+            eps = torch.randn(z.shape, generator=gen, device=device)  # (B, 4, 128, 128)
+            with amp:
+                per_sample = flow_matching_loss(net, z, t, eps, cfg.target, cfg.schedule)
+            loss = per_sample.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema_update(ema_model, model, step, cfg.ema)
+            step += 1
+
+            bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1).cpu()
+            bucket_sum.index_add_(0, bucket, per_sample.detach().float().cpu())
+            bucket_n.index_add_(0, bucket, torch.ones(len(bucket)))
+            loss_sum += loss.item()
+            grad_sum += grad_norm.item()
+            window_steps += 1
+            if not is_main:
+                continue
+            if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step == cfg.max_steps:
+                now = time.time()
+                img_s = window_steps * cfg.batch_size * world / max(now - window_time, 1e-9)
+                val = ""
+                if step % cfg.val_every == 0 or step == cfg.max_steps:
+                    val = validation_loss(ema_model, val_x, cfg, device)
+                buckets = (bucket_sum / bucket_n.clamp(min=1)).tolist()
+                log.writerow([step, f"{step * cfg.batch_size * world / len(train_idx):.3f}", f"{loss_sum / window_steps:.5f}",
+                              f"{lr:.3e}", f"{grad_sum / window_steps:.4f}", f"{img_s:.2f}",
+                              val if val == "" else f"{val:.5f}"] + [f"{b:.5f}" if n else "" for b, n in zip(buckets, bucket_n)])
+                log_file.flush()
+                progress(step, cfg.max_steps, loss_sum / window_steps, img_s, now - start_time)
+                if val != "":
+                    if val < best_val:
+                        best_val = val
+                        save_checkpoint(best_path, checkpoint_state())
+                    save_checkpoint(last_path, checkpoint_state())
+                bucket_sum.zero_(), bucket_n.zero_()
+                loss_sum, grad_sum, window_steps, window_time = 0.0, 0.0, 0, time.time()
+            if step % cfg.sample_every == 0:
+                sprites = generate(ema_model, 16, cfg.sample_steps, "heun", fixed_noise_seed, device)
+                sprite_sheet(sprites, cols=4).save(run_dir / "samples" / f"step_{step:07d}.png")
+    except KeyboardInterrupt:
+        interrupted = True
+    if world > 1:
+        check_ranks_in_sync(model, rank, world)
+    if is_main:
+        if step > start_step or not last_path.exists():
+            save_checkpoint(last_path, checkpoint_state())
+        if not best_path.exists():
+            save_checkpoint(best_path, checkpoint_state())
+        log_file.close()
+        why = "interrupted" if interrupted else "done"
+        print(f"\n{why} at step {step}; checkpoints in {run_dir} (best val loss {best_val:.5f})", file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def check_ranks_in_sync(model, rank, world):
+    """DDP keeps replicas identical by averaging gradients; verify it: the
+    element-wise max and min of the weights over all ranks must coincide."""
+    flat = nn.utils.parameters_to_vector(model.parameters()).detach().float()
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        same = torch.equal(hi, lo)
+        print(f"\nweights identical across {world} ranks: {same}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# 8. Command line: train, sample, plot, bench
+# -----------------------------------------------------------------------------
+
+
+def newest_checkpoint(root="runs"):
+    found = sorted(Path(root).rglob("*.pt"), key=lambda p: p.stat().st_mtime) if Path(root).is_dir() else []
+    if not found:
+        raise UserError(f"no checkpoint found under '{root}/'; train first or pass --checkpoint")
+    return found[-1]
+
+
+def cmd_sample(args):
+    if args.n <= 0 or args.steps <= 0:
+        raise UserError("--n and --steps must be positive")
+    device = pick_device(args.device)
+    path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
+    model = load_model_from_checkpoint(path, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = [] if args.trajectory else None
+    t0 = time.time()
+    sprites = generate(model, args.n, args.steps, args.sampler, args.seed, device, sigma=args.sigma, frames=frames)
+    for i, sprite in enumerate(sprites):
+        Image.fromarray(sprite.numpy(), "RGBA").save(out / f"sprite_{i:03d}.png")
+    sprite_sheet(sprites).save(out / "grid.png")
+    print(f"wrote {len(sprites)} sprites and grid.png to {out} from {path} "
+          f"({args.sampler}, {args.steps} steps, {time.time() - t0:.1f} s)")
+    if frames is not None:
+        write_trajectory(frames, args.steps, out)
+
+
+def write_trajectory(frames, steps, out, count=4, n_frames=9):
+    """A GIF (and a PNG strip) of the first few sprites flowing from noise to data.
+
+    Intermediate states are shown as they are, alpha included, so the picture
+    shows the noise condensing; only the final frame is snapped to binary alpha.
+    """
+    picks = sorted({round(k * steps / (n_frames - 1)) for k in range(n_frames)})
+    rows = [sprite_sheet(to_uint8(frames[i][:count], binary_alpha=(i == steps)), cols=count) for i in picks]
+    rows[0].save(out / "trajectory.gif", save_all=True, append_images=rows[1:] + [rows[-1]] * 3, duration=300, loop=0)
+    strip = Image.new("RGB", (rows[0].width, rows[0].height * len(rows)))
+    for k, row in enumerate(rows):
+        strip.paste(row, (0, k * row.height))
+    strip.save(out / "trajectory.png")
+    print(f"wrote trajectory.gif and trajectory.png ({len(rows)} frames) to {out}")
+
+
+def cmd_plot(args):
+    run_dir = Path(args.run_dir) if args.run_dir else newest_checkpoint().parent
+    log_path = run_dir / "training_log.csv"
+    if not log_path.is_file():
+        raise UserError(f"'{log_path}' does not exist; point plot at a run folder")
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UserError(f"'{log_path}' has no rows yet")
+    names = ["loss"] + [f"loss_t{k}" for k in range(T_BUCKETS)] + ["val_loss"]
+    series = {}
+    for name in names:
+        pts = [(float(r["step"]), float(r[name])) for r in rows if r.get(name) not in (None, "") and float(r[name]) > 0]
+        if pts:
+            series[name] = pts
+    out = Path(args.out) if args.out else run_dir / "training_log.png"
+    plot_log_scale(series, out, title=f"{run_dir}")
+    print(f"wrote {out}")
+
+
+def plot_log_scale(series, out, title="", size=(900, 560)):
+    """Line chart with a log-scale y axis, drawn with Pillow alone."""
+    W, H = size
+    left, right, top, bottom = 70, 170, 30, 50
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [math.log10(y) for pts in series.values() for _, y in pts]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = math.floor(min(ys) * 4) / 4, math.ceil(max(ys) * 4) / 4 + 1e-9
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right), H - bottom - (math.log10(y) - y0) / (y1 - y0) * (H - top - bottom))
+
+    for k in range(math.floor(y0), math.ceil(y1) + 1):  # decades and their 2x, 5x ticks
+        for m in (1, 2, 5):
+            v = m * 10.0**k
+            if y0 <= math.log10(v) <= y1:
+                _, y = px(x0, v)
+                draw.line([(left, y), (W - right, y)], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
+                draw.text((5, y - 6), f"{v:g}", fill="black", font=font)
+    for k in range(6):
+        x = x0 + k * (x1 - x0) / 5
+        X, _ = px(x, 10**y0)
+        draw.text((X - 10, H - bottom + 8), f"{x:.0f}", fill="black", font=font)
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    draw.text((left, 8), f"{title}  (log scale; x: step)", fill="black", font=font)
+    colors = [(31, 119, 180), (230, 159, 0), (86, 180, 233), (0, 158, 115), (213, 94, 0), (204, 121, 167), (200, 0, 0)]
+    for i, (name, pts) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        draw.line([px(x, y) for x, y in pts], fill=color, width=3 if name in ("loss", "val_loss") else 1)
+        draw.line([(W - right + 10, top + 16 * i + 6), (W - right + 30, top + 16 * i + 6)], fill=color, width=3)
+        draw.text((W - right + 36, top + 16 * i), name, fill="black", font=font)
+    img.save(out)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def time_train_steps(cfg, device, steps, batch_size):
+    """Images/s of full training steps (forward, backward, AdamW, EMA) after one warm-up step."""
+    torch.manual_seed(0)
+    model = build_model(cfg, device).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    net = torch.compile(model) if cfg.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    data = torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8, device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.bf16)
+    for i in range(steps + 1):
+        if i == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.time()
+        z = to_float(data)
+        t = torch.rand(batch_size, device=device)
+        with amp:
+            loss = flow_matching_loss(net, z, t, torch.randn_like(z), cfg.target, cfg.schedule).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema_update(ema_model, model, i, 0.999)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.time() - start), sum(p.numel() for p in model.parameters()), model
+
+
+def cmd_bench(args):
+    cfg = TrainConfig(bf16=args.bf16, compile=args.compile)
+    device = pick_device(args.device)
+    batch = args.batch_size
+    train_img_s, n_params, model = time_train_steps(cfg, device, args.steps, batch)
+    print(f"default ({cfg.channels}, unshuffle {model.stem[0].downscale_factor}, {n_params / 1e6:.1f}M params): "
+          f"{train_img_s:.1f} train img/s", file=sys.stderr)
+    t0 = time.time()
+    generate(model, batch, cfg.sample_steps, "heun", 0, device)
+    sample_img_s = batch / (time.time() - t0)
+    print(f"sampling: {sample_img_s:.2f} img/s (heun, {cfg.sample_steps} steps, batch {batch})", file=sys.stderr)
+    full = dataclasses.replace(cfg, unshuffle=1)
+    full_img_s, full_params, _ = time_train_steps(full, device, max(1, args.steps // 4), batch)
+    print(f"full resolution (unshuffle 1, {full_params / 1e6:.1f}M params): {full_img_s:.2f} train img/s", file=sys.stderr)
+    print(json.dumps({"device": str(device), "train_img_s": round(train_img_s, 2), "full_res_train_img_s": round(full_img_s, 3),
+                      "speedup": round(train_img_s / full_img_s, 1), "sample_img_s": round(sample_img_s, 3),
+                      "peak_mem_mb": round(peak_memory_mb(device)), "batch_size": batch, "params_m": round(n_params / 1e6, 2),
+                      "bf16": cfg.bf16 or device.type == "cuda", "threads": torch.get_num_threads()}))
+
+
+def add_config_arguments(parser):
+    """One --flag per TrainConfig field, with the field's default and help text."""
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool or field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=field.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
+            parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"])
+
+
+def main(argv=None):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="spriteflow.py", description="Flow matching for pixel-art sprites.", formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a model", formatter_class=fmt)
+    add_config_arguments(p_train)
+    p_sample = sub.add_parser("sample", help="draw sprites from a checkpoint", formatter_class=fmt)
+    p_sample.add_argument("--checkpoint", default="", help="checkpoint file (default: the newest .pt under runs/)")
+    p_sample.add_argument("--n", type=int, default=16, help="number of sprites")
+    p_sample.add_argument("--steps", type=int, default=20, help="integration steps")
+    p_sample.add_argument("--sampler", choices=SAMPLERS, default="heun", help="ODE (euler, heun) or SDE sampler")
+    p_sample.add_argument("--sigma", type=float, default=1.0, help="SDE noise scale: sigma_t = sigma * beta_t")
+    p_sample.add_argument("--seed", type=int, default=0, help="noise seed")
+    p_sample.add_argument("--out", default="samples", help="output folder")
+    p_sample.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p_sample.add_argument("--trajectory", action="store_true", help="also write trajectory.gif/.png: noise (t=0) to sprite (t=1)")
+    p_plot = sub.add_parser("plot", help="draw training_log.csv as a PNG (log scale)", formatter_class=fmt)
+    p_plot.add_argument("run_dir", nargs="?", default="", help="run folder (default: the newest under runs/)")
+    p_plot.add_argument("--out", default="", help="PNG path (default: RUN_DIR/training_log.png)")
+    p_bench = sub.add_parser("bench", help="measure training and sampling speed of the default model", formatter_class=fmt)
+    p_bench.add_argument("--steps", type=int, default=8, help="timed training steps")
+    p_bench.add_argument("--batch-size", type=int, default=32, help="batch size")
+    p_bench.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p_bench.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
+    p_bench.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            train(TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}))
+        elif args.command == "sample":
+            cmd_sample(args)
+        elif args.command == "plot":
+            cmd_plot(args)
+        elif args.command == "bench":
+            cmd_bench(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
