@@ -127,7 +127,7 @@ def split_train_val(names, val_fraction):
 
 
 def to_float(x_uint8):
-    """uint8 [0, 255] -> float [-1, 1]."""
+    """uint8 [0, 255] -> float [-1, 1]: data on the same scale as the N(0, I) noise."""
     return x_uint8.float() / 127.5 - 1.0
 
 
@@ -304,10 +304,15 @@ def velocity_from_output(out, x, t, target, sched):
 
 
 def group_norm(channels):
+    """GroupNorm with up to 32 groups: statistics over channel groups of one sample."""
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 class TimeEmbedding(nn.Module):
+    """t (B,) -> (B, 4 dim). t is scaled by 1000 first so that the slowest of the
+    geometric frequencies w_k = 10000^(-k/half) still turns through a useful
+    angle as t goes from 0 to 1, and the fastest separates nearby times."""
+
     def __init__(self, dim):
         super().__init__()
         self.dim = dim
@@ -321,6 +326,10 @@ class TimeEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
+    """x + F(x, t). Time enters as a per-channel scale and shift of the normalised
+    features (h -> h (1 + scale_t) + shift_t), so each noise level can re-weight
+    every feature map rather than just add a constant to it."""
+
     def __init__(self, c_in, c_out, t_dim):
         super().__init__()
         self.norm1 = group_norm(c_in)
@@ -340,6 +349,10 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Every position attends to every other: softmax(Q K^T / sqrt(d)) V per head,
+    with queries, keys and values from 1x1 convolutions. Cost grows with the
+    square of the number of positions, hence only at the lowest resolution."""
+
     def __init__(self, channels, heads=4):
         super().__init__()
         self.heads = heads
@@ -358,6 +371,18 @@ class SelfAttention(nn.Module):
 
 class UNet(nn.Module):
     """u_theta(x, t) for x of shape (B, 4, 128, 128) and t of shape (B,).
+
+    With the CPU defaults (widths 32, 64, 128; 2 blocks; unshuffle 4):
+
+        x (B, 4, 128, 128) --unshuffle--> (B, 64, 32, 32) --conv--> (B, 32, 32, 32)
+        down  32x32: 2 ResBlocks (32 ch)  -> stride-2 conv -> 16x16
+              16x16: 2 ResBlocks (64 ch)  -> stride-2 conv ->  8x8
+               8x8:  2 ResBlocks (128 ch)
+        mid    8x8:  ResBlock, SelfAttention over the 64 positions, ResBlock
+        up     8x8:  3 ResBlocks, each fed the matching down output (skip) -> upsample
+              16x16: 3 ResBlocks with skips -> upsample
+              32x32: 3 ResBlocks with skips
+        head (B, 32, 32, 32) --conv--> (B, 64, 32, 32) --shuffle--> (B, 4, 128, 128)
 
     `target` and `schedule` say what the raw output means (section 3), so a
     loaded checkpoint knows how to turn its output into a velocity.
@@ -433,11 +458,13 @@ SAMPLERS = ("euler", "heun", "sde")
 
 
 def time_grid(x, i, h):
+    """The time t_i = i h for every sample in the batch."""
     return torch.full((x.shape[0],), i * h, device=x.device)  # (B,)
 
 
 @torch.no_grad()
 def sample_euler(velocity, x, steps, frames=None):
+    """Euler's method from t=0 to t=1 in `steps` equal steps; frames collects each state."""
     h = 1.0 / steps
     for i in range(steps):
         x = x + h * velocity(x, time_grid(x, i, h))
@@ -448,6 +475,7 @@ def sample_euler(velocity, x, steps, frames=None):
 
 @torch.no_grad()
 def sample_heun(velocity, x, steps, frames=None):
+    """Heun's method: an Euler predictor, then the average of the slopes at both ends."""
     h = 1.0 / steps
     for i in range(steps):
         u = velocity(x, time_grid(x, i, h))
@@ -483,8 +511,9 @@ def autocast(device, enabled=True):
 def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_size=64, sigma=1.0, frames=None):
     """n sprites as a uint8 (n, 128, 128, 4) tensor. Noise comes from a CPU generator
     seeded with `seed`, so the same seed gives the same sprites on any device."""
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; choose from {', '.join(SAMPLERS)}")
+    device, gen = torch.device(device), torch.Generator().manual_seed(seed)
     model.eval()
 
     def velocity(x, t):
@@ -498,15 +527,11 @@ def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_siz
         keep = frames if start == 0 else None  # frames[i]: the first batch after i steps
         if keep is not None:
             keep.append(x)
-        if sampler == "euler":
-            x = sample_euler(velocity, x, steps, keep)
-        elif sampler == "heun":
-            x = sample_heun(velocity, x, steps, keep)
-        elif sampler == "sde":
+        if sampler == "sde":
             noise_gen = torch.Generator(device).manual_seed(seed + 1 + start)
             x = sample_sde(velocity, x, steps, model.schedule, sigma, generator=noise_gen, frames=keep)
         else:
-            raise UserError(f"unknown sampler '{sampler}'; choose from {', '.join(SAMPLERS)}")
+            x = {"euler": sample_euler, "heun": sample_heun}[sampler](velocity, x, steps, keep)
         out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -529,6 +554,7 @@ def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_siz
 
 
 def ema_decay(step, max_decay):
+    """0.1 at step 0, 0.5 at step 8, 0.9 at step 80, then capped at max_decay."""
     return min(max_decay, (1 + step) / (10 + step))
 
 
@@ -541,6 +567,7 @@ def ema_update(ema_model, model, step, max_decay):
 
 
 def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
+    """The learning rate at `step`: linear warm-up, then cosine down to min_lr_ratio * base_lr."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
@@ -573,52 +600,58 @@ def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
 T_BUCKETS = 5
 
 
+def option(default, help, choices=None):
+    """A config field that also carries its --help text (and allowed values) for argparse."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    data: str = dataclasses.field(default="data/images", metadata={"help": "folder of sprites (searched recursively)"})
-    run_dir: str = dataclasses.field(default="", metadata={"help": "output folder (default: a new folder under runs/)"})
-    resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --run-dir from its last.pt"})
-    max_steps: int = dataclasses.field(default=20000, metadata={"help": "optimizer steps to train for"})
-    max_minutes: float = dataclasses.field(default=0.0, metadata={"help": "also stop (and save) after this many minutes; 0 = no limit"})
-    batch_size: int = dataclasses.field(default=32, metadata={"help": "sprites per step (per process under torchrun)"})
-    lr: float = dataclasses.field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
-    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup: int = dataclasses.field(default=200, metadata={"help": "linear LR warm-up steps"})
-    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this"})
-    ema: float = dataclasses.field(default=0.999, metadata={"help": "EMA decay (after its warm-up)"})
-    schedule: str = dataclasses.field(default="linear", metadata={"help": "noise schedule: linear | cosine"})
-    target: str = dataclasses.field(default="data", metadata={"help": "what the network predicts: data | velocity"})
-    t_dist: str = dataclasses.field(default="logit-normal", metadata={"help": "training time distribution: uniform | logit-normal"})
-    channels: str = dataclasses.field(default="32,64,128", metadata={"help": "U-Net widths per level"})
-    blocks: int = dataclasses.field(default=2, metadata={"help": "residual blocks per level"})
-    unshuffle: int = dataclasses.field(default=0, metadata={"help": "pixel-unshuffle factor 1, 2 or 4; 0 = 4 on CPU, 2 on GPU"})
-    flip: bool = dataclasses.field(default=True, metadata={"help": "random horizontal flips"})
-    val_fraction: float = dataclasses.field(default=0.05, metadata={"help": "share of sprites held out for validation"})
-    log_every: int = dataclasses.field(default=25, metadata={"help": "steps between CSV rows"})
-    val_every: int = dataclasses.field(default=250, metadata={"help": "steps between validation + checkpoint"})
-    sample_every: int = dataclasses.field(default=500, metadata={"help": "steps between sample grids"})
-    sample_steps: int = dataclasses.field(default=20, metadata={"help": "Heun steps for the sample grids"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "random seed (runs are reproducible)"})
-    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
-    bf16: bool = dataclasses.field(default=False, metadata={"help": "bf16 autocast on CPU too (always on for CUDA)"})
-    compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model"})
+    # Where and how long.
+    data: str = option("data/images", "folder of sprites (searched recursively)")
+    run_dir: str = option("", "output folder (default: a new folder under runs/)")
+    resume: bool = option(False, "continue the run in --run-dir from its last.pt")
+    max_steps: int = option(20000, "optimizer steps to train for (the LR schedule's length)")
+    max_minutes: float = option(0.0, "also stop (and save) after this many minutes; 0 = no limit")
+    # The optimisation recipe.
+    batch_size: int = option(32, "sprites per step (per process under torchrun)")
+    lr: float = option(1e-3, "peak AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup: int = option(200, "linear LR warm-up steps")
+    grad_clip: float = option(1.0, "clip the gradient norm to this")
+    ema: float = option(0.999, "EMA decay (after its warm-up)")
+    # The flow and the network.
+    schedule: str = option("linear", "noise schedule (alpha_t, beta_t)", SCHEDULES)
+    target: str = option("data", "what the network predicts: the clean sprite or the velocity", TARGETS)
+    t_dist: str = option("logit-normal", "training time distribution", ("uniform", "logit-normal"))
+    channels: str = option("32,64,128", "U-Net widths per level, comma-separated")
+    blocks: int = option(2, "residual blocks per level")
+    unshuffle: int = option(0, "pixel-unshuffle factor; 0 = 4 on CPU, 2 on GPU", (0, 1, 2, 4))
+    flip: bool = option(True, "random horizontal flips")
+    # Bookkeeping.
+    val_fraction: float = option(0.05, "share of sprites held out for validation")
+    log_every: int = option(25, "steps between CSV rows")
+    val_every: int = option(250, "steps between validation + checkpoint")
+    sample_every: int = option(500, "steps between sample grids")
+    sample_steps: int = option(20, "Heun steps for the sample grids")
+    seed: int = option(0, "random seed (runs are reproducible)")
+    device: str = option("auto", "auto picks cuda, then mps, then cpu", ("auto", "cpu", "cuda", "mps"))
+    bf16: bool = option(False, "bf16 autocast on CPU too (always on for CUDA)")
+    compile: bool = option(False, "torch.compile the model")
+    fid_every: int = option(0, "steps between FID/KID of EMA samples vs the validation sprites (needs the Inception weights); 0 = off")
+    fid_weights: str = option("", "Inception weights file for --fid-every (default: fid.py's cache)")
 
 
 def check_config(cfg):
     """Reject bad values with one sentence each, before any work starts."""
-    positive = ["max_steps", "batch_size", "blocks", "log_every", "val_every", "sample_every", "sample_steps"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)}")
-    if not cfg.lr > 0 or cfg.max_minutes < 0 or cfg.warmup < 0 or cfg.grad_clip <= 0:
-        raise UserError("--lr and --grad-clip must be positive, --warmup and --max-minutes not negative")
-    if not 0 <= cfg.ema < 1 or not 0 <= cfg.val_fraction < 1:
-        raise UserError("--ema and --val-fraction must lie in [0, 1)")
-    for name, value, allowed in [("schedule", cfg.schedule, SCHEDULES), ("target", cfg.target, TARGETS),
-                                 ("t-dist", cfg.t_dist, ("uniform", "logit-normal")), ("unshuffle", cfg.unshuffle, (0, 1, 2, 4)),
-                                 ("device", cfg.device, ("auto", "cpu", "cuda", "mps"))]:
-        if value not in allowed:
-            raise UserError(f"--{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.metadata["choices"] and value not in f.metadata["choices"]:
+            raise UserError(f"{flag} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
+        if f.type in (int, float, "int", "float") and value < 0 or (value == 0 and f.name in POSITIVE):
+            raise UserError(f"{flag} must be {'positive' if f.name in POSITIVE else 'zero or more'}, got {value}")
+    if cfg.ema >= 1 or cfg.val_fraction >= 1:
+        raise UserError("--ema and --val-fraction must be below 1")
     try:
         widths = parse_channels(cfg.channels)
     except ValueError:
@@ -627,7 +660,11 @@ def check_config(cfg):
         raise UserError("--channels needs at most 4 widths, each a multiple of 8")
 
 
+POSITIVE = {"max_steps", "batch_size", "lr", "grad_clip", "blocks", "log_every", "val_every", "sample_every", "sample_steps"}
+
+
 def parse_channels(text):
+    """'32,64,128' -> (32, 64, 128), the U-Net width at each resolution level."""
     widths = tuple(int(c) for c in text.split(","))
     if not widths or min(widths) <= 0:
         raise ValueError(text)
@@ -635,6 +672,7 @@ def parse_channels(text):
 
 
 def pick_device(name):
+    """'auto' takes the fastest device present; an explicit name must exist."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -649,11 +687,16 @@ def pick_device(name):
 
 
 def build_model(cfg, device):
+    """The U-Net a config describes. On a GPU the default working resolution is
+    64x64: there is compute to spare, and finer positions help finer sprites."""
     unshuffle = cfg.unshuffle or (4 if device.type == "cpu" else 2)
     return UNet(parse_channels(cfg.channels), cfg.blocks, unshuffle, cfg.target, cfg.schedule)
 
 
 def sample_t(n, t_dist, generator, device):
+    """Training times. Logit-normal, t = sigmoid(n) with n ~ N(0, 1), has density
+    peaked at t = 0.5 and thin tails: few samples are spent at the two ends,
+    where the best prediction is nearly trivial (the data mean, or x itself)."""
     if t_dist == "uniform":
         return torch.rand(n, generator=generator, device=device)
     return torch.sigmoid(torch.randn(n, generator=generator, device=device))
@@ -695,6 +738,7 @@ def save_checkpoint(path, state):
 
 
 def read_checkpoint(path):
+    """Load and sanity-check a checkpoint; any failure becomes one UserError sentence."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
@@ -748,20 +792,30 @@ def setup_distributed(device):
 
 def new_run_dir():
     base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    run_dir, k = base, 1
-    while run_dir.exists():
-        run_dir, k = Path(f"{base}-{k}"), k + 1
-    return run_dir
+    return next(p for p in [base] + [Path(f"{base}-{k}") for k in range(1, 1000)] if not p.exists())
 
 
 def progress(step, max_steps, loss, img_s, elapsed):
-    width = 24
-    filled = int(width * step / max_steps)
-    eta = (max_steps - step) * elapsed / max(step, 1)
-    bar = "#" * filled + "-" * (width - filled)
-    line = f"step {step}/{max_steps} [{bar}] loss {loss:.4f} {img_s:.1f} img/s eta {eta / 60:.0f} min"
-    end = "\r" if sys.stderr.isatty() else "\n"
-    print(line, end=end, file=sys.stderr, flush=True)
+    """One status line; redrawn in place on a terminal, one line per update in a log file."""
+    bar = ("#" * int(24 * step / max_steps)).ljust(24, "-")
+    eta = (max_steps - step) * elapsed / max(step, 1) / 60
+    print(f"step {step}/{max_steps} [{bar}] loss {loss:.4f} {img_s:.1f} img/s eta {eta:.0f} min",
+          end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
+
+
+def train_step(net, model, ema_model, opt, z, t, eps, cfg, amp, step):
+    """One optimisation step on sprites z (B, 4, 128, 128) at times t (B,) with noise eps.
+    Returns the per-sample losses (B,) and the gradient norm before clipping."""
+    with amp:
+        per_sample = flow_matching_loss(net, z, t, eps, cfg.target, cfg.schedule)
+    opt.zero_grad(set_to_none=True)
+    per_sample.mean().backward()
+    # Rare large gradients (a batch full of t near 1, where the x-prediction
+    # weight is largest) are scaled down instead of throwing the weights off.
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    ema_update(ema_model, model, step, cfg.ema)
+    return per_sample.detach(), grad_norm
 
 
 def train(cfg, stop_after=None):
@@ -784,6 +838,8 @@ def train(cfg, stop_after=None):
     elif last_path.exists():
         raise UserError(f"'{run_dir}' already holds a checkpoint; add --resume to continue it or pick another --run-dir")
 
+    # The whole set lives on the device as uint8 (4x smaller than floats);
+    # under torchrun each rank keeps every world-th training sprite, its shard.
     data, names = load_folder(cfg.data)
     train_idx, val_idx = split_train_val(names, cfg.val_fraction)
     train_x = data[train_idx][rank::world].to(device)  # (N_train / world, 4, 128, 128) uint8
@@ -793,7 +849,14 @@ def train(cfg, stop_after=None):
     model = build_model(cfg, device).to(device)
     unshuffle = model.stem[0].downscale_factor
     ema_model = copy.deepcopy(model).requires_grad_(False)
+    # AdamW: Adam's per-parameter step sizes, with weight decay applied to the
+    # weights directly rather than through the gradient. beta2 = 0.99 (instead of
+    # 0.999) lets the second-moment estimate follow the loss scale, which shifts
+    # a lot as the network learns the easy times first.
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    # Every random draw of training (batch indices, flips, t, eps) comes from
+    # this one generator, so saving its state makes a resumed run draw exactly
+    # what the uninterrupted run would have. Ranks get different streams.
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     step, best_val = 0, float("inf")
     if ckpt is not None:
@@ -801,28 +864,35 @@ def train(cfg, stop_after=None):
         ema_model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step, best_val = ckpt["step"], ckpt["best_val"]
-        if rank == 0:
-            gen.set_state(ckpt["rng"].to(gen.get_state().device))
-        else:
-            gen.manual_seed(cfg.seed * 1000 + rank + 7919 * step)
+        # Only rank 0's stream is saved; other ranks restart theirs from a seed that depends on the step.
+        gen.set_state(ckpt["rng"]) if rank == 0 else gen.manual_seed(cfg.seed * 1000 + rank + 7919 * step)
+    if device.type == "cuda":  # tensor cores prefer NHWC convolutions
+        model = model.to(memory_format=torch.channels_last)
+        ema_model = ema_model.to(memory_format=torch.channels_last)
+    # `net` is what the training step calls: possibly wrapped by DDP (which
+    # all-reduces gradients in backward) and/or torch.compile. `model` stays the
+    # plain module whose weights we average, save and sample from.
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
+    # bf16 autocast runs matmuls and convolutions in bfloat16 (same exponent
+    # range as float32, so no loss scaling is needed); the loss is taken in fp32.
     use_bf16 = device.type == "cuda" or cfg.bf16
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    inception = load_fid_network(cfg, device) if is_main and cfg.fid_every else None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
-        n_params = sum(p.numel() for p in model.parameters())
         print(f"{len(data)} sprites ({len(train_idx)} train, {len(val_idx)} val) from {cfg.data}; "
-              f"{n_params / 1e6:.1f}M parameters at {128 // unshuffle}x{128 // unshuffle} working resolution; "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters at {128 // unshuffle}x{128 // unshuffle} working resolution; "
               f"device {device}{' x' + str(world) if world > 1 else ''}{', bf16' if use_bf16 else ''}; run folder {run_dir}",
               file=sys.stderr)
         log_path = run_dir / "training_log.csv"
         columns = ["step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "val_loss"] + [f"loss_t{k}" for k in range(T_BUCKETS)]
+        columns += ["fid", "kid"] if cfg.fid_every else []
         new_log = not (cfg.resume and log_path.exists())
         log_file = open(log_path, "w" if new_log else "a", newline="")
         log = csv.writer(log_file)
@@ -831,25 +901,23 @@ def train(cfg, stop_after=None):
         fixed_noise_seed = cfg.seed + 12345
 
     def checkpoint_state():
+        """Everything needed to continue exactly: weights, optimizer moments, step, RNG."""
         return {"model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": opt.state_dict(),
                 "step": step, "best_val": best_val, "rng": gen.get_state().cpu(), "config": dataclasses.asdict(cfg),
                 "unshuffle": unshuffle}
 
     bucket_sum, bucket_n = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)
-    loss_sum, grad_sum, window_steps = 0.0, 0.0, 0
+    loss_sum, grad_sum, window_steps, start_step, why = 0.0, 0.0, 0, step, "done"
     start_time = window_time = time.time()
-    start_step = step
-    interrupted = False
     try:
         while step < cfg.max_steps:
-            if stop_after is not None and step >= stop_after:
-                break
-            if cfg.max_minutes and time.time() - start_time > 60 * cfg.max_minutes:
+            if (stop_after is not None and step >= stop_after) or (cfg.max_minutes and time.time() - start_time > 60 * cfg.max_minutes):
                 break
             model.train()
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
+            # Sampling with replacement: steps, not epochs, are the unit of training.
             idx = torch.randint(len(train_x), (cfg.batch_size,), generator=gen, device=device)
             z = to_float(train_x[idx])  # (B, 4, 128, 128) in [-1, 1]
             if cfg.flip:
@@ -857,20 +925,14 @@ def train(cfg, stop_after=None):
                 z = torch.where(expand(flip, z), z.flip(-1), z)
             t = sample_t(cfg.batch_size, cfg.t_dist, gen, device)  # (B,)
             eps = torch.randn(z.shape, generator=gen, device=device)  # (B, 4, 128, 128)
-            with amp:
-                per_sample = flow_matching_loss(net, z, t, eps, cfg.target, cfg.schedule)
-            loss = per_sample.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            ema_update(ema_model, model, step, cfg.ema)
+            per_sample, grad_norm = train_step(net, model, ema_model, opt, z, t, eps, cfg, amp, step)
             step += 1
 
+            # Per-t-bucket losses: where along the path is the flow hard to learn?
             bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1).cpu()
-            bucket_sum.index_add_(0, bucket, per_sample.detach().float().cpu())
+            bucket_sum.index_add_(0, bucket, per_sample.float().cpu())
             bucket_n.index_add_(0, bucket, torch.ones(len(bucket)))
-            loss_sum += loss.item()
+            loss_sum += per_sample.mean().item()
             grad_sum += grad_norm.item()
             window_steps += 1
             if not is_main:
@@ -882,9 +944,12 @@ def train(cfg, stop_after=None):
                 if step % cfg.val_every == 0 or step == cfg.max_steps:
                     val = validation_loss(ema_model, val_x, cfg, device)
                 buckets = (bucket_sum / bucket_n.clamp(min=1)).tolist()
-                log.writerow([step, f"{step * cfg.batch_size * world / len(train_idx):.3f}", f"{loss_sum / window_steps:.5f}",
-                              f"{lr:.3e}", f"{grad_sum / window_steps:.4f}", f"{img_s:.2f}",
-                              val if val == "" else f"{val:.5f}"] + [f"{b:.5f}" if n else "" for b, n in zip(buckets, bucket_n)])
+                row = [step, f"{step * cfg.batch_size * world / len(train_idx):.3f}", f"{loss_sum / window_steps:.5f}",
+                       f"{lr:.3e}", f"{grad_sum / window_steps:.4f}", f"{img_s:.2f}",
+                       val if val == "" else f"{val:.5f}"] + [f"{b:.5f}" if n else "" for b, n in zip(buckets, bucket_n)]
+                if cfg.fid_every:
+                    row += fid_kid_row(ema_model, val_x, inception, cfg, device) if step % cfg.fid_every == 0 else ["", ""]
+                log.writerow(row)
                 log_file.flush()
                 progress(step, cfg.max_steps, loss_sum / window_steps, img_s, now - start_time)
                 if val != "":
@@ -897,8 +962,8 @@ def train(cfg, stop_after=None):
             if step % cfg.sample_every == 0:
                 sprites = generate(ema_model, 16, cfg.sample_steps, "heun", fixed_noise_seed, device)
                 sprite_sheet(sprites, cols=4).save(run_dir / "samples" / f"step_{step:07d}.png")
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt:  # Ctrl-C: fall through to the final save below
+        why = "interrupted"
     if world > 1:
         check_ranks_in_sync(model, rank, world)
     if is_main:
@@ -907,11 +972,30 @@ def train(cfg, stop_after=None):
         if not best_path.exists():
             save_checkpoint(best_path, checkpoint_state())
         log_file.close()
-        why = "interrupted" if interrupted else "done"
         print(f"\n{why} at step {step}; checkpoints in {run_dir} (best val loss {best_val:.5f})", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
     return run_dir
+
+
+def load_fid_network(cfg, device):
+    """fid.py's Inception network; without its weights we stop now, not hours in."""
+    import fid
+    try:
+        return fid.load_inception(cfg.fid_weights or None, device, allow_download=False)
+    except fid.FIDError as e:
+        raise UserError(f"--fid-every needs the Inception weights: {e}")
+
+
+def fid_kid_row(ema_model, val_x, inception, cfg, device):
+    """FID and KID between as many EMA samples as there are validation sprites
+    and those sprites. With a few hundred images FID is biased upwards; KID,
+    being unbiased, is the number to compare across steps."""
+    import fid
+    fake = generate(ema_model, len(val_x), cfg.sample_steps, "heun", cfg.seed + 999, device)
+    real = val_x.permute(0, 2, 3, 1).cpu()  # (N, 128, 128, 4)
+    scores = fid.fid_kid(real.numpy(), fake.numpy(), inception, device=device)
+    return [f"{scores['fid']:.3f}", f"{scores['kid_mean']:.5f}"]
 
 
 def check_ranks_in_sync(model, rank, world):
@@ -928,10 +1012,29 @@ def check_ranks_in_sync(model, rank, world):
 
 # -----------------------------------------------------------------------------
 # 8. Command line: train, sample, plot, bench
+#
+#   train   section 7, with every TrainConfig field as a --flag.
+#   sample  loads the EMA weights of a checkpoint (by default the newest .pt
+#           under runs/) and integrates dX = u_theta(X, t) dt (or the SDE) from
+#           X_0 ~ N(0, I) to t = 1. Pass --trajectory to watch the flow: every
+#           intermediate X_t is an image too, noise condensing into a sprite.
+#   plot    training_log.csv -> PNG. Losses span orders of magnitude (the
+#           t-buckets differ by ~100x), hence the log-scale y axis.
+#   bench   what one training step and one sample cost on this device, for
+#           the default model and for the same widths at full resolution
+#           (no pixel-unshuffle). The convolutions' cost scales with the
+#           number of positions, so the full-resolution variant does ~16x the
+#           work of the 32x32 default. With --checkpoint it also measures how
+#           far Euler and Heun endpoints land from a 500-step Heun solution:
+#           the global error of a method of order p shrinks like (1/N)^p.
+#
+# Every user mistake raises UserError, which main() prints as one line
+# ("error: ...") with exit status 2; argparse reports bad flags the same way.
 # -----------------------------------------------------------------------------
 
 
 def newest_checkpoint(root="runs"):
+    """The most recently written .pt under root: usually the running or last run's last.pt."""
     found = sorted(Path(root).rglob("*.pt"), key=lambda p: p.stat().st_mtime) if Path(root).is_dir() else []
     if not found:
         raise UserError(f"no checkpoint found under '{root}/'; train first or pass --checkpoint")
@@ -939,6 +1042,7 @@ def newest_checkpoint(root="runs"):
 
 
 def cmd_sample(args):
+    """Write --n sprites as RGBA PNGs plus a grid sheet (and optionally the trajectory)."""
     if args.n <= 0 or args.steps <= 0:
         raise UserError("--n and --steps must be positive")
     device = pick_device(args.device)
@@ -965,30 +1069,26 @@ def write_trajectory(frames, steps, out, count=4, n_frames=9):
     shows the noise condensing; only the final frame is snapped to binary alpha.
     """
     picks = sorted({round(k * steps / (n_frames - 1)) for k in range(n_frames)})
-    rows = [sprite_sheet(to_uint8(frames[i][:count], binary_alpha=(i == steps)), cols=count) for i in picks]
+    shots = [to_uint8(frames[i][:count], binary_alpha=(i == steps)) for i in picks]  # each (count, 128, 128, 4)
+    rows = [sprite_sheet(shot, cols=count) for shot in shots]
     rows[0].save(out / "trajectory.gif", save_all=True, append_images=rows[1:] + [rows[-1]] * 3, duration=300, loop=0)
-    strip = Image.new("RGB", (rows[0].width, rows[0].height * len(rows)))
-    for k, row in enumerate(rows):
-        strip.paste(row, (0, k * row.height))
-    strip.save(out / "trajectory.png")
+    sprite_sheet(torch.cat(shots), cols=count).save(out / "trajectory.png")  # one row per time
     print(f"wrote trajectory.gif and trajectory.png ({len(rows)} frames) to {out}")
 
 
 def cmd_plot(args):
+    """training_log.csv of a run -> training_log.png (training, per-bucket and val losses)."""
     run_dir = Path(args.run_dir) if args.run_dir else newest_checkpoint().parent
     log_path = run_dir / "training_log.csv"
     if not log_path.is_file():
         raise UserError(f"'{log_path}' does not exist; point plot at a run folder")
     with open(log_path) as f:
         rows = list(csv.DictReader(f))
-    if not rows:
-        raise UserError(f"'{log_path}' has no rows yet")
     names = ["loss"] + [f"loss_t{k}" for k in range(T_BUCKETS)] + ["val_loss"]
-    series = {}
-    for name in names:
-        pts = [(float(r["step"]), float(r[name])) for r in rows if r.get(name) not in (None, "") and float(r[name]) > 0]
-        if pts:
-            series[name] = pts
+    series = {name: [(float(r["step"]), float(r[name])) for r in rows if r.get(name) and float(r[name]) > 0] for name in names}
+    series = {name: pts for name, pts in series.items() if pts}
+    if not series:
+        raise UserError(f"'{log_path}' has no rows yet")
     out = Path(args.out) if args.out else run_dir / "training_log.png"
     plot_log_scale(series, out, title=f"{run_dir}")
     print(f"wrote {out}")
@@ -996,11 +1096,9 @@ def cmd_plot(args):
 
 def plot_log_scale(series, out, title="", size=(900, 560)):
     """Line chart with a log-scale y axis, drawn with Pillow alone."""
-    W, H = size
-    left, right, top, bottom = 70, 170, 30, 50
+    (W, H), (left, right, top, bottom) = size, (70, 170, 30, 50)
     img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [math.log10(y) for pts in series.values() for _, y in pts]
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
@@ -1016,10 +1114,8 @@ def plot_log_scale(series, out, title="", size=(900, 560)):
                 _, y = px(x0, v)
                 draw.line([(left, y), (W - right, y)], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
                 draw.text((5, y - 6), f"{v:g}", fill="black", font=font)
-    for k in range(6):
-        x = x0 + k * (x1 - x0) / 5
-        X, _ = px(x, 10**y0)
-        draw.text((X - 10, H - bottom + 8), f"{x:.0f}", fill="black", font=font)
+    for x in np.linspace(x0, x1, 6):
+        draw.text((px(x, 10**y0)[0] - 10, H - bottom + 8), f"{x:.0f}", fill="black", font=font)
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     draw.text((left, 8), f"{title}  (log scale; x: step)", fill="black", font=font)
     colors = [(31, 119, 180), (230, 159, 0), (86, 180, 233), (0, 158, 115), (213, 94, 0), (204, 121, 167), (200, 0, 0)]
@@ -1032,9 +1128,17 @@ def plot_log_scale(series, out, title="", size=(900, 560)):
 
 
 def peak_memory_mb(device):
+    """Peak memory so far: the CUDA allocator's high-water mark, or on CPU the
+    process's peak resident set size (everything Python and torch hold)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def sync(device):
+    """Wait for queued GPU work: CUDA runs asynchronously, so timings need this."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_train_steps(cfg, device, steps, batch_size):
@@ -1047,41 +1151,59 @@ def time_train_steps(cfg, device, steps, batch_size):
     data = torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8, device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.bf16)
     for i in range(steps + 1):
-        if i == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+        if i == 1:  # the first step pays for allocation and kernel selection: not timed
+            sync(device)
             start = time.time()
         z = to_float(data)
-        t = torch.rand(batch_size, device=device)
-        with amp:
-            loss = flow_matching_loss(net, z, t, torch.randn_like(z), cfg.target, cfg.schedule).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema_update(ema_model, model, i, 0.999)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        train_step(net, model, ema_model, opt, z, torch.rand(batch_size, device=device), torch.randn_like(z), cfg, amp, i)
+    sync(device)
     return steps * batch_size / (time.time() - start), sum(p.numel() for p in model.parameters()), model
 
 
+@torch.no_grad()
+def sampler_errors(model, device, n=16, step_counts=(5, 10, 20, 30, 50, 100, 200), ref_steps=500):
+    """RMS distance (in [-1, 1] pixel units) of Euler and Heun endpoints from a
+    500-step Heun solution started at the same noise: the ODE's own error,
+    which needs no external network to measure."""
+    model.eval()
+    x0 = torch.randn(n, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device)
+    reference = sample_heun(model.velocity, x0, ref_steps)
+    rows = []
+    for steps in step_counts:
+        row = {"steps": steps}
+        for name, fn in (("euler", sample_euler), ("heun", sample_heun)):
+            row[name] = (fn(model.velocity, x0, steps) - reference).pow(2).mean().sqrt().item()
+        rows.append(row)
+        print(f"{steps:4d} steps: euler {row['euler']:.4f}  heun {row['heun']:.4f}  (RMS vs {ref_steps}-step heun)", file=sys.stderr)
+    return rows
+
+
 def cmd_bench(args):
+    """Measure the default model on this device; the last printed line is JSON."""
     cfg = TrainConfig(bf16=args.bf16, compile=args.compile)
     device = pick_device(args.device)
     batch = args.batch_size
     train_img_s, n_params, model = time_train_steps(cfg, device, args.steps, batch)
     print(f"default ({cfg.channels}, unshuffle {model.stem[0].downscale_factor}, {n_params / 1e6:.1f}M params): "
           f"{train_img_s:.1f} train img/s", file=sys.stderr)
+    sync(device)
     t0 = time.time()
     generate(model, batch, cfg.sample_steps, "heun", 0, device)
+    sync(device)
     sample_img_s = batch / (time.time() - t0)
     print(f"sampling: {sample_img_s:.2f} img/s (heun, {cfg.sample_steps} steps, batch {batch})", file=sys.stderr)
+    peak_mb = peak_memory_mb(device)  # before the full-resolution run, which needs far more
+    # Full resolution: same widths, no pixel-unshuffle. A batch of 8 keeps its
+    # activations (16x larger) in memory; images/s barely depends on batch size here.
     full = dataclasses.replace(cfg, unshuffle=1)
-    full_img_s, full_params, _ = time_train_steps(full, device, max(1, args.steps // 4), batch)
+    full_img_s, full_params, _ = time_train_steps(full, device, max(1, args.steps // 4), min(batch, 8))
     print(f"full resolution (unshuffle 1, {full_params / 1e6:.1f}M params): {full_img_s:.2f} train img/s", file=sys.stderr)
+    errors = sampler_errors(load_model_from_checkpoint(args.checkpoint, device), device) if args.checkpoint else None
     print(json.dumps({"device": str(device), "train_img_s": round(train_img_s, 2), "full_res_train_img_s": round(full_img_s, 3),
                       "speedup": round(train_img_s / full_img_s, 1), "sample_img_s": round(sample_img_s, 3),
-                      "peak_mem_mb": round(peak_memory_mb(device)), "batch_size": batch, "params_m": round(n_params / 1e6, 2),
-                      "bf16": cfg.bf16 or device.type == "cuda", "threads": torch.get_num_threads()}))
+                      "peak_mem_mb": round(peak_mb), "batch_size": batch, "params_m": round(n_params / 1e6, 2),
+                      "bf16": cfg.bf16 or device.type == "cuda", "threads": torch.get_num_threads(),
+                      **({"sampler_rms_error": errors} if errors else {})}))
 
 
 def add_config_arguments(parser):
@@ -1092,10 +1214,11 @@ def add_config_arguments(parser):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=field.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
-            parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"])
+            parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"], choices=field.metadata["choices"])
 
 
 def main(argv=None):
+    """Parse the command line and run one subcommand; returns the exit status."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="spriteflow.py", description="Flow matching for pixel-art sprites.", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1120,16 +1243,13 @@ def main(argv=None):
     p_bench.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p_bench.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
     p_bench.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p_bench.add_argument("--checkpoint", default="", help="also measure Euler/Heun error vs a 500-step Heun reference")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             train(TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}))
-        elif args.command == "sample":
-            cmd_sample(args)
-        elif args.command == "plot":
-            cmd_plot(args)
-        elif args.command == "bench":
-            cmd_bench(args)
+        else:
+            {"sample": cmd_sample, "plot": cmd_plot, "bench": cmd_bench}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
