@@ -904,6 +904,8 @@ def train(cfg, stop_after=None):
     use_bf16 = device.type == "cuda" or cfg.bf16
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    if cfg.fid_every and len(val_x) < 2:
+        raise UserError("--fid-every needs at least 2 validation sprites; raise --val-fraction")
     inception = load_fid_network(cfg, device) if is_main and cfg.fid_every else None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1239,10 +1241,17 @@ def add_config_arguments(parser):
             parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"], choices=field.metadata["choices"])
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line, like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
     """Parse the command line and run one subcommand; returns the exit status."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="spriteflow.py", description="Flow matching for pixel-art sprites.", formatter_class=fmt)
+    parser = Parser(prog="spriteflow.py", description="Flow matching for pixel-art sprites.", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a model", formatter_class=fmt)
     add_config_arguments(p_train)
