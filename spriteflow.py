@@ -515,9 +515,10 @@ def sample_sde(velocity, x, steps, sched, sigma=1.0, score=None, generator=None,
     return x
 
 
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA; elsewhere (or disabled) a no-op context."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+def autocast(device, cpu_bf16=False):
+    """bf16 autocast on CUDA (and on CPU when asked); otherwise a no-op context."""
+    on = device.type == "cuda" or (cpu_bf16 and device.type == "cpu")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 @torch.no_grad()
@@ -784,7 +785,7 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        TrainConfig(**ckpt["config"]), ckpt["ema"], ckpt["model"], ckpt["step"]
+        TrainConfig(**ckpt["config"]), ckpt["ema"], ckpt["model"], ckpt["step"], ckpt["unshuffle"]
     except Exception:
         raise UserError(f"checkpoint '{path}' is corrupt or not a SpriteFlow checkpoint")
     return ckpt
@@ -920,7 +921,7 @@ def train(cfg, stop_after=None):
     # bf16 autocast runs matmuls and convolutions in bfloat16 (same exponent
     # range as float32, so no loss scaling is needed); the loss is taken in fp32.
     use_bf16 = device.type == "cuda" or cfg.bf16
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    amp = autocast(device, cfg.bf16)
 
     if cfg.fid_every and len(val_x) < 2:
         raise UserError("--fid-every needs at least 2 validation sprites; raise --val-fraction")
@@ -1191,7 +1192,7 @@ def time_train_steps(cfg, device, steps, batch_size):
     net = torch.compile(model) if cfg.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8, device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.bf16)
+    amp = autocast(device, cfg.bf16)
     for i in range(steps + 1):
         if i == 1:  # the first step pays for allocation and kernel selection: not timed
             sync(device)
