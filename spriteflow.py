@@ -795,7 +795,7 @@ def load_model_from_checkpoint(path, device="cpu"):
     """The EMA weights of a checkpoint as a ready-to-sample UNet (eval mode)."""
     ckpt = read_checkpoint(path)
     cfg = TrainConfig(**ckpt["config"])
-    model = UNet(parse_channels(cfg.channels), cfg.blocks, ckpt["unshuffle"], cfg.target, cfg.schedule)
+    model = build_model(dataclasses.replace(cfg, unshuffle=ckpt["unshuffle"]), device)
     try:
         model.load_state_dict(ckpt["ema"])
     except RuntimeError:
@@ -949,8 +949,11 @@ def train(cfg, stop_after=None):
                 "step": step, "best_val": best_val, "rng": gen.get_state().cpu(), "config": dataclasses.asdict(cfg),
                 "unshuffle": unshuffle}
 
-    bucket_sum, bucket_n = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)
-    loss_sum, grad_sum, window_steps, start_step, why = 0.0, 0.0, 0, step, "done"
+    # Log statistics stay on the device until a row is written: reading them
+    # every step would make a GPU wait for each step to finish.
+    bucket_sum, bucket_n = torch.zeros(T_BUCKETS, device=device), torch.zeros(T_BUCKETS, device=device)
+    loss_sum, grad_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    window_steps, start_step, why = 0, step, "done"
     start_time = window_time = time.time()
     try:
         while step < cfg.max_steps:
@@ -971,37 +974,39 @@ def train(cfg, stop_after=None):
             per_sample, grad_norm = train_step(net, model, ema_model, opt, z, t, eps, cfg, amp, step)
             step += 1
 
-            # Per-t-bucket losses: where along the path is the flow hard to learn?
-            bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1).cpu()
-            bucket_sum.index_add_(0, bucket, per_sample.float().cpu())
-            bucket_n.index_add_(0, bucket, torch.ones(len(bucket)))
-            loss_sum += per_sample.mean().item()
-            grad_sum += grad_norm.item()
-            window_steps += 1
-            if not is_main:
+            if not is_main:  # only rank 0 logs, validates, samples and saves
                 continue
+            # Per-t-bucket losses: where along the path is the flow hard to learn?
+            bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
+            bucket_sum.index_add_(0, bucket, per_sample.float())
+            bucket_n.index_add_(0, bucket, torch.ones_like(t))
+            loss_sum += per_sample.mean()
+            grad_sum += grad_norm
+            window_steps += 1
             if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step == cfg.max_steps:
                 now = time.time()
                 img_s = window_steps * cfg.batch_size * world / max(now - window_time, 1e-9)
                 val = ""
                 if step % cfg.val_every == 0 or step == cfg.max_steps:
                     val = validation_loss(ema_model, val_x, cfg, device)
-                buckets = (bucket_sum / bucket_n.clamp(min=1)).tolist()
-                row = [step, f"{step * cfg.batch_size * world / len(train_idx):.3f}", f"{loss_sum / window_steps:.5f}",
-                       f"{lr:.3e}", f"{grad_sum / window_steps:.4f}", f"{img_s:.2f}",
-                       val if val == "" else f"{val:.5f}"] + [f"{b:.5f}" if n else "" for b, n in zip(buckets, bucket_n)]
+                buckets, counts = (bucket_sum / bucket_n.clamp(min=1)).tolist(), bucket_n.tolist()
+                mean_loss, mean_grad = loss_sum.item() / window_steps, grad_sum.item() / window_steps
+                row = [step, f"{step * cfg.batch_size * world / len(train_idx):.3f}", f"{mean_loss:.5f}",
+                       f"{lr:.3e}", f"{mean_grad:.4f}", f"{img_s:.2f}",
+                       val if val == "" else f"{val:.5f}"] + [f"{b:.5f}" if n else "" for b, n in zip(buckets, counts)]
                 if cfg.fid_every:
                     row += fid_kid_row(ema_model, val_x, inception, cfg, device) if step % cfg.fid_every == 0 else ["", ""]
                 log.writerow(row)
                 log_file.flush()
-                progress(step, cfg.max_steps, loss_sum / window_steps, img_s, now - start_time)
+                progress(step, cfg.max_steps, mean_loss, img_s, now - start_time)
                 if val != "":
                     if val < best_val:
                         best_val = val
                         save_checkpoint(best_path, checkpoint_state())
                     save_checkpoint(last_path, checkpoint_state())
-                bucket_sum.zero_(), bucket_n.zero_()
-                loss_sum, grad_sum, window_steps, window_time = 0.0, 0.0, 0, time.time()
+                for stat in (bucket_sum, bucket_n, loss_sum, grad_sum):
+                    stat.zero_()
+                window_steps, window_time = 0, time.time()
             if step % cfg.sample_every == 0:
                 sprites = generate(ema_model, 16, cfg.sample_steps, "heun", fixed_noise_seed, device)
                 sprite_sheet(sprites, cols=4).save(run_dir / "samples" / f"step_{step:07d}.png")
