@@ -265,11 +265,36 @@ def score_from_vector_field(u, x, t, sched):
 TARGETS = ("velocity", "data")
 BETA_MIN = 0.05
 
+# Where along the path is a sprite decided? On the linear path the noise-to-
+# signal ratio is beta/alpha = (1-t)/t. But our sprites are 32-px art drawn at
+# 4x: each 4x4 block is one colour, and a block averages 16 independent noise
+# draws, so at block scale the ratio is only (1-t)/(4t). Silhouette and
+# colours are settled at small t, where uniform t spends few training samples
+# and the sampler takes few steps. The time shift
+#
+#     t -> t / (t + s (1 - t))        (0 -> 0, 1 -> 1, monotone)
+#
+# multiplies the ratio (1-t)/t by s, so s = 4 (the block side) shows the
+# network the block-level noise levels a native 32-px sprite would see at t.
+# We apply the same warp to the training times and the sampler's grid: the
+# path and its ODE are unchanged, only where effort is spent moves.
+
+
+def shift_time(t, s):
+    """t -> t / (t + s (1 - t)): multiplies the noise-to-signal ratio (1-t)/t by s."""
+    return t / (t + s * (1 - t))
+
 
 def velocity_from_data(z_hat, x, t, sched):
     """Turn a predicted clean sprite into a velocity (see above)."""
     alpha, beta, d_alpha, d_beta = schedule(sched, expand(t, x))
     return d_alpha * z_hat + d_beta * (x - alpha * z_hat) / beta.clamp(min=BETA_MIN)
+
+
+def data_from_velocity(u, x, t, sched):
+    """The inverse of velocity_from_data where beta >= BETA_MIN: the sprite u points at."""
+    alpha, beta, d_alpha, d_beta = schedule(sched, expand(t, x))
+    return (u - d_beta * x / beta) / (d_alpha - d_beta * alpha / beta)
 
 
 def velocity_from_output(out, x, t, target, sched):
@@ -388,9 +413,9 @@ class UNet(nn.Module):
     loaded checkpoint knows how to turn its output into a velocity.
     """
 
-    def __init__(self, channels=(64, 128, 256), blocks=2, unshuffle=4, target="data", schedule="linear"):
+    def __init__(self, channels=(64, 128, 256), blocks=2, unshuffle=4, target="data", schedule="linear", shift=1.0):
         super().__init__()
-        self.target, self.schedule = target, schedule
+        self.target, self.schedule, self.shift = target, schedule, shift
         c0, t_dim = channels[0], 4 * channels[0]
         patch = 4 * unshuffle * unshuffle  # channels after pixel-unshuffle
         self.time_embedding = TimeEmbedding(c0)
@@ -438,18 +463,19 @@ class UNet(nn.Module):
 # -----------------------------------------------------------------------------
 # 5. Samplers
 #
-# Sampling integrates from noise X_0 ~ N(0, I) at t=0 to a sprite at t=1 on the
-# uniform grid t_i = i h, h = 1/N.
+# Sampling integrates from noise X_0 ~ N(0, I) at t=0 to a sprite at t=1 on
+# the grid t_i = shift_time(i/N, s) (section 3), step h_i = t_{i+1} - t_i; the
+# model's own training shift s puts the small steps where it decides most.
 #
 # Euler ODE (first order, global error O(h)):
-#     X_{i+1} = X_i + h u(X_i, t_i)
+#     X_{i+1} = X_i + h_i u(X_i, t_i)
 # Heun ODE (second order, O(h^2); two network calls per step):
-#     X'      = X_i + h u(X_i, t_i)
-#     X_{i+1} = X_i + h/2 [u(X_i, t_i) + u(X', t_{i+1})]
+#     X'      = X_i + h_i u(X_i, t_i)
+#     X_{i+1} = X_i + h_i/2 [u(X_i, t_i) + u(X', t_{i+1})]
 # Euler-Maruyama for the Langevin-corrected SDE, which has the same marginals
 # p_t as the ODE for any noise level sigma_t:
 #     dX = [u_t(X) + 1/2 sigma_t^2 score_t(X)] dt + sigma_t dW
-#     X_{i+1} = X_i + h [u + 1/2 sigma_t^2 score] + sigma_t sqrt(h) xi,  xi ~ N(0, I)
+#     X_{i+1} = X_i + h_i [u + 1/2 sigma_t^2 score] + sigma_t sqrt(h_i) xi,  xi ~ N(0, I)
 # The step ADDS the drift and draws Gaussian noise, once per step (the
 # original multiplied and drew uniform noise). We use sigma_t = sigma beta_t:
 # the score behaves like 1/beta near t=1, so sigma_t^2 score -> 0 and the last
@@ -466,45 +492,51 @@ class UNet(nn.Module):
 SAMPLERS = ("euler", "heun", "sde")
 
 
-def time_grid(x, i, h):
-    """The time t_i = i h for every sample in the batch."""
-    return torch.full((x.shape[0],), i * h, device=x.device)  # (B,)
+def time_grid(steps, shift=1.0):
+    """t_0 = 0 < t_1 < ... < t_N = 1: uniform steps, warped by shift_time (section 3)."""
+    return shift_time(torch.linspace(0, 1, steps + 1, dtype=torch.float64), shift).tolist()
+
+
+def at(x, t):
+    """The scalar time t for every sample in the batch, shape (B,)."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
 
 
 @torch.no_grad()
-def sample_euler(velocity, x, steps, frames=None):
-    """Euler's method from t=0 to t=1 in `steps` equal steps; frames collects each state."""
-    h = 1.0 / steps
-    for i in range(steps):
-        x = x + h * velocity(x, time_grid(x, i, h))
+def sample_euler(velocity, x, steps, frames=None, shift=1.0):
+    """Euler's method from t=0 to t=1 in `steps` steps; frames collects each state."""
+    ts = time_grid(steps, shift)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * velocity(x, at(x, t))
         if frames is not None:
             frames.append(x)
     return x
 
 
 @torch.no_grad()
-def sample_heun(velocity, x, steps, frames=None):
+def sample_heun(velocity, x, steps, frames=None, shift=1.0):
     """Heun's method: an Euler predictor, then the average of the slopes at both ends."""
-    h = 1.0 / steps
-    for i in range(steps):
-        u = velocity(x, time_grid(x, i, h))
+    ts = time_grid(steps, shift)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        h = t_next - t
+        u = velocity(x, at(x, t))
         x_euler = x + h * u
-        x = x + 0.5 * h * (u + velocity(x_euler, time_grid(x, i + 1, h)))
+        x = x + 0.5 * h * (u + velocity(x_euler, at(x, t_next)))
         if frames is not None:
             frames.append(x)
     return x
 
 
 @torch.no_grad()
-def sample_sde(velocity, x, steps, sched, sigma=1.0, score=None, generator=None, frames=None):
+def sample_sde(velocity, x, steps, sched, sigma=1.0, score=None, generator=None, frames=None, shift=1.0):
     """Euler-Maruyama; `score` defaults to the one implied by `velocity` (section 3).
 
     A larger sigma injects more noise and pulls harder towards high density
     (the Langevin term); any sigma leaves the marginals p_t unchanged in exact
     arithmetic, so it only trades discretisation error against correction."""
-    h = 1.0 / steps
-    for i in range(steps):
-        t = time_grid(x, i, h)
+    ts = time_grid(steps, shift)
+    for t_now, t_next in zip(ts[:-1], ts[1:]):
+        h, t = t_next - t_now, at(x, t_now)
         u = velocity(x, t)
         s = score(x, t) if score is not None else score_from_vector_field(u, x, t, sched)
         sigma_t = sigma * expand(schedule(sched, t)[1], x)
@@ -543,9 +575,9 @@ def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_siz
             keep.append(x)
         if sampler == "sde":
             noise_gen = torch.Generator(device).manual_seed(seed + 1 + start)
-            x = sample_sde(velocity, x, steps, model.schedule, sigma, generator=noise_gen, frames=keep)
+            x = sample_sde(velocity, x, steps, model.schedule, sigma, generator=noise_gen, frames=keep, shift=model.shift)
         else:
-            x = {"euler": sample_euler, "heun": sample_heun}[sampler](velocity, x, steps, keep)
+            x = {"euler": sample_euler, "heun": sample_heun}[sampler](velocity, x, steps, keep, model.shift)
         out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -595,7 +627,7 @@ def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
 # 7. Trainer
 #
 # One training step, for a batch of sprites z:
-#     t   ~ p(t)            uniform, or logit-normal: t = sigmoid(n), n ~ N(0, 1)
+#     t   ~ p(t)            uniform or logit-normal, then shift_time (section 3)
 #     eps ~ N(0, I)
 #     x_t = alpha_t z + beta_t eps
 #     L   = || u_theta(x_t, t) - u_t(x_t | z) ||^2
@@ -603,7 +635,16 @@ def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
 # hardest (at t near 0 the answer is roughly the data mean, near 1 it can be
 # read off x_t); the per-t-bucket losses in the CSV show this.
 #
-# The validation metric is the same loss on the held-out sprites at FIXED
+# With x-prediction the velocity loss is an x-loss in disguise:
+#     || u(z_hat) - u(z) ||^2 = w(t) || z_hat - z ||^2,
+#     w(t) = (d_alpha - d_beta alpha / beta)^2   (= 1/(1-t)^2 on the linear path)
+# w is 1 at t=0, 100 at t=0.9 and 400 at the BETA_MIN clamp. Near t=1 the task
+# is nearly trivial (z is almost x), yet those few samples carry most of the
+# gradient, and Adam's per-parameter step sizes shrink to fit their spikes,
+# which slows learning everywhere else. Capping w at weight_cap lets the middle
+# of the path, where a sprite's colours are decided, learn much faster.
+#
+# The validation metric is the uncapped loss on the held-out sprites at FIXED
 # seeds for t (uniform, whatever the training p(t)) and eps, so it changes
 # only when the weights change and can be compared across steps and runs.
 # It is computed with the EMA weights, the ones that sample, and picks best.pt.
@@ -664,6 +705,8 @@ class TrainConfig:
     t_dist: str = option("uniform", "training time distribution", ("uniform", "logit-normal"))
     t_mean: float = option(0.0, "logit-normal location m in t = sigmoid(m + s n); below 0 favours noisier t")
     t_std: float = option(1.0, "logit-normal scale s")
+    t_shift: float = option(1.0, "time shift s: t -> t / (t + s (1 - t)) in training and sampling; above 1 favours noisier t")
+    weight_cap: float = option(0.0, "cap on the x-prediction loss weight w(t) = 1/(1-t)^2 (linear path); 0 = no cap")
     channels: str = option("32,64,128", "U-Net widths per level, comma-separated")
     blocks: int = option(2, "residual blocks per level")
     unshuffle: int = option(0, "pixel-unshuffle factor; 0 = 4 on CPU, 2 on GPU", (0, 1, 2, 4))
@@ -700,7 +743,7 @@ def check_config(cfg):
         raise UserError("--channels needs at most 4 widths, each a multiple of 8")
 
 
-POSITIVE = {"max_steps", "batch_size", "lr", "grad_clip", "t_std", "blocks", "log_every", "val_every", "sample_every", "sample_steps"}
+POSITIVE = {"max_steps", "batch_size", "lr", "grad_clip", "t_std", "t_shift", "blocks", "log_every", "val_every", "sample_every", "sample_steps"}
 
 
 def parse_channels(text):
@@ -730,7 +773,7 @@ def build_model(cfg, device):
     """The U-Net a config describes. On a GPU the default working resolution is
     64x64: there is compute to spare, and finer positions help finer sprites."""
     unshuffle = cfg.unshuffle or (4 if device.type == "cpu" else 2)
-    return UNet(parse_channels(cfg.channels), cfg.blocks, unshuffle, cfg.target, cfg.schedule)
+    return UNet(parse_channels(cfg.channels), cfg.blocks, unshuffle, cfg.target, cfg.schedule, cfg.t_shift)
 
 
 def sample_t(n, cfg, generator, device):
@@ -738,21 +781,28 @@ def sample_t(n, cfg, generator, device):
     density peaked near sigmoid(m) and thin tails: few samples are spent at the
     two ends, where the best prediction is nearly trivial (the data mean, or x)."""
     if cfg.t_dist == "uniform":
-        return torch.rand(n, generator=generator, device=device)
-    return torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(n, generator=generator, device=device))
+        t = torch.rand(n, generator=generator, device=device)
+    else:
+        t = torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(n, generator=generator, device=device))
+    return shift_time(t, cfg.t_shift)
 
 
-def flow_matching_loss(model, z, t, eps, target, sched):
+def flow_matching_loss(model, z, t, eps, target, sched, weight_cap=None):
     """Per-sample loss (B,): || u_theta(x_t, t) - u_t(x_t | z) ||^2, averaged over pixels.
 
+    For x-prediction this is w(t) || z_hat - z ||^2 with w(t) as in section 7,
+    capped at `weight_cap` when given (training); validation leaves it uncapped.
     `model` may be a DDP wrapper, so it is called, not asked for .velocity().
-    For x-prediction the regression target goes through the same clamped map
-    as the prediction, so a perfect z_hat = z gives exactly zero loss.
     """
     x_t = sample_path(z, t, eps, sched)
-    u_pred = velocity_from_output(model(x_t, t).float(), x_t, t, target, sched)
-    u_true = conditional_vector_field(z, t, eps, sched) if target == "velocity" else velocity_from_data(z, x_t, t, sched)
-    return (u_pred - u_true).pow(2).flatten(1).mean(1)
+    out = model(x_t, t).float()
+    if target == "velocity":
+        return (out - conditional_vector_field(z, t, eps, sched)).pow(2).flatten(1).mean(1)
+    alpha, beta, d_alpha, d_beta = schedule(sched, t)
+    w = (d_alpha - d_beta * alpha / beta.clamp(min=BETA_MIN)) ** 2  # (B,)
+    if weight_cap:
+        w = w.clamp(max=weight_cap)
+    return w * (out - z).pow(2).flatten(1).mean(1)
 
 
 @torch.no_grad()
@@ -848,7 +898,7 @@ def train_step(net, model, ema_model, opt, z, t, eps, cfg, amp, step):
     """One optimisation step on sprites z (B, 4, 128, 128) at times t (B,) with noise eps.
     Returns the per-sample losses (B,) and the gradient norm before clipping."""
     with amp:
-        per_sample = flow_matching_loss(net, z, t, eps, cfg.target, cfg.schedule)
+        per_sample = flow_matching_loss(net, z, t, eps, cfg.target, cfg.schedule, cfg.weight_cap)
     opt.zero_grad(set_to_none=True)
     per_sample.mean().backward()
     # Rare large gradients (a batch full of t near 1, where the x-prediction
@@ -1215,14 +1265,33 @@ def sampler_errors(model, device, n=16, step_counts=(5, 10, 20, 30, 50, 100, 200
     which needs no external network to measure."""
     model.eval()
     x0 = torch.randn(n, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device)
-    reference = sample_heun(model.velocity, x0, ref_steps)
+    reference = sample_heun(model.velocity, x0, ref_steps, shift=model.shift)
     rows = []
     for steps in step_counts:
         row = {"steps": steps}
         for name, fn in (("euler", sample_euler), ("heun", sample_heun)):
-            row[name] = (fn(model.velocity, x0, steps) - reference).pow(2).mean().sqrt().item()
+            row[name] = (fn(model.velocity, x0, steps, shift=model.shift) - reference).pow(2).mean().sqrt().item()
         rows.append(row)
         print(f"{steps:4d} steps: euler {row['euler']:.4f}  heun {row['heun']:.4f}  (RMS vs {ref_steps}-step heun)", file=sys.stderr)
+    return rows
+
+
+@torch.no_grad()
+def denoising_errors(model, sprites, device, times=(0.1, 0.2, 0.3, 0.5, 0.7, 0.9)):
+    """MSE of the one-shot clean-sprite estimate z_hat(x_t, t) against z, per t, on
+    real sprites: where along the path the model is still wrong. An ODE keeps
+    whatever z_hat decides at small t, so errors there become the samples' errors."""
+    model.eval()
+    z = to_float(sprites).to(device)  # (N, 4, 128, 128)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    for t0 in times:
+        t = torch.full((len(z),), t0, device=device)
+        x_t = sample_path(z, t, eps, model.schedule)
+        out = model(x_t, t)
+        z_hat = out if model.target == "data" else data_from_velocity(out, x_t, t, model.schedule)
+        rows.append({"t": t0, "mse": (z_hat - z).pow(2).mean().item()})
+        print(f"t = {t0:.1f}: one-shot denoising MSE {rows[-1]['mse']:.4f}", file=sys.stderr)
     return rows
 
 
@@ -1246,12 +1315,16 @@ def cmd_bench(args):
     full = dataclasses.replace(cfg, unshuffle=1)
     full_img_s, full_params, _ = time_train_steps(full, device, max(1, args.steps // 4), min(batch, 8))
     print(f"full resolution (unshuffle 1, {full_params / 1e6:.1f}M params): {full_img_s:.2f} train img/s", file=sys.stderr)
-    errors = sampler_errors(load_model_from_checkpoint(args.checkpoint, device), device) if args.checkpoint else None
+    errors = denoise = None
+    if args.checkpoint:
+        trained = load_model_from_checkpoint(args.checkpoint, device)
+        errors = sampler_errors(trained, device)
+        denoise = denoising_errors(trained, load_folder(args.data)[0][-64:], device)
     print(json.dumps({"device": str(device), "train_img_s": round(train_img_s, 2), "full_res_train_img_s": round(full_img_s, 3),
                       "speedup": round(train_img_s / full_img_s, 1), "sample_img_s": round(sample_img_s, 3),
                       "peak_mem_mb": round(peak_mb), "batch_size": batch, "params_m": round(n_params / 1e6, 2),
                       "bf16": cfg.bf16 or device.type == "cuda", "threads": torch.get_num_threads(),
-                      **({"sampler_rms_error": errors} if errors else {})}))
+                      **({"sampler_rms_error": errors, "denoising_mse": denoise} if errors else {})}))
 
 
 def add_config_arguments(parser):
@@ -1298,7 +1371,8 @@ def main(argv=None):
     p_bench.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
     p_bench.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
     p_bench.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p_bench.add_argument("--checkpoint", default="", help="also measure Euler/Heun error vs a 500-step Heun reference")
+    p_bench.add_argument("--checkpoint", default="", help="also measure Euler/Heun error vs a 500-step Heun reference, and denoising error per t")
+    p_bench.add_argument("--data", default="data/images", help="sprites for the denoising error (the last 64 files)")
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # one line, no source echo
     try:

@@ -123,6 +123,45 @@ def test_data_prediction_maps_to_the_conditional_vector_field(name, t0, seed, sh
     assert torch.allclose(sf.velocity_from_data(z, x, t, name), sf.conditional_vector_field(z, t, eps, name), atol=1e-9)
 
 
+@given(schedules, st.floats(0.0, 0.94), seeds, shapes)
+def test_data_from_velocity_inverts_velocity_from_data(name, t0, seed, shape):
+    """data_from_velocity(velocity_from_data(z_hat, x), x) = z_hat where beta_t >= BETA_MIN:
+    a velocity model's clean-sprite estimate is well defined."""
+    z_hat, x = tensors(seed, (2, *shape)), tensors(seed + 1, (2, *shape))
+    t = torch.full((2,), t0, dtype=torch.float64)
+    if sf.schedule(name, t)[1][0] < sf.BETA_MIN:
+        return
+    u = sf.velocity_from_data(z_hat, x, t, name)
+    assert torch.allclose(sf.data_from_velocity(u, x, t, name), z_hat, atol=1e-8)
+
+
+@given(schedules, st.floats(0.0, 1.0), seeds, st.floats(1.0, 50.0))
+def test_data_loss_is_the_velocity_loss_with_a_capped_weight(name, t0, seed, cap):
+    """For x-prediction the training loss ||u(z_hat) - u(z)||^2 over velocities equals
+    w(t) ||z_hat - z||^2, and weight_cap replaces w(t) by min(w(t), cap)."""
+    z, z_hat, eps = (tensors(seed + k, (2, 4, 8, 8)).float() for k in range(3))
+    t = torch.full((2,), t0)
+    x = sf.sample_path(z, t, eps, name)
+    velocity_loss = (sf.velocity_from_data(z_hat, x, t, name) - sf.velocity_from_data(z, x, t, name)).pow(2).flatten(1).mean(1)
+    loss = sf.flow_matching_loss(lambda x_t, t_: z_hat, z, t, eps, "data", name)
+    assert torch.allclose(loss, velocity_loss, rtol=1e-4)
+    capped = sf.flow_matching_loss(lambda x_t, t_: z_hat, z, t, eps, "data", name, weight_cap=cap)
+    x_loss = (z_hat - z).pow(2).flatten(1).mean(1)
+    assert torch.allclose(capped, torch.minimum(loss, cap * x_loss), rtol=1e-5)
+
+
+@given(inner_times, st.floats(0.1, 10.0))
+def test_time_shift_scales_the_noise_to_signal_ratio(t0, s):
+    """shift_time keeps 0 and 1 fixed, is increasing, is the identity for s = 1, and turns the
+    linear path's noise-to-signal ratio (1 - t)/t into s (1 - t)/t."""
+    t = torch.tensor([0.0, t0, 1.0], dtype=torch.float64)
+    shifted = sf.shift_time(t, s)
+    assert shifted[0] == 0.0 and shifted[2] == 1.0
+    assert torch.allclose((1 - shifted[1]) / shifted[1], s * (1 - t[1]) / t[1], rtol=1e-9)
+    assert sf.shift_time(torch.tensor(t0 + 0.01, dtype=torch.float64), s) > shifted[1]
+    assert torch.allclose(sf.shift_time(t, 1.0), t)
+
+
 # -----------------------------------------------------------------------------
 # Part 2: samplers against a closed-form Gaussian
 #
@@ -149,17 +188,19 @@ def noise(n=20000, seed=0):
     return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("name", sf.SCHEDULES)
 @pytest.mark.parametrize("sampler", ["euler", "heun", "sde"])
-def test_samplers_carry_noise_to_the_gaussian(name, sampler):
-    """Driven by the exact marginal field, each sampler maps N(0, I) to N(mu, s^2 I)."""
+def test_samplers_carry_noise_to_the_gaussian(name, sampler, shift):
+    """Driven by the exact marginal field, each sampler maps N(0, I) to N(mu, s^2 I), on the
+    uniform time grid and on a shifted one (the ODE's solution does not depend on the grid)."""
     u, x0 = gaussian_velocity(name), noise()
     if sampler == "euler":
-        x1 = sf.sample_euler(u, x0, 200)
+        x1 = sf.sample_euler(u, x0, 200, shift=shift)
     elif sampler == "heun":
-        x1 = sf.sample_heun(u, x0, 50)
+        x1 = sf.sample_heun(u, x0, 50, shift=shift)
     else:
-        x1 = sf.sample_sde(u, x0, 400, name, sigma=1.0, generator=torch.Generator().manual_seed(1))
+        x1 = sf.sample_sde(u, x0, 400, name, sigma=1.0, generator=torch.Generator().manual_seed(1), shift=shift)
     assert torch.allclose(x1.mean(0), MU, atol=0.02)
     assert torch.allclose(x1.var(0), torch.full((2,), S**2, dtype=torch.float64), rtol=0.06)
 
@@ -471,6 +512,16 @@ def test_cli_trains_then_samples_then_plots(tmp_path):
     assert (tmp_path / "out" / "grid.png").exists() and (tmp_path / "out" / "trajectory.gif").exists()
     r = run_cli("plot", str(run), cwd=tmp_path)
     assert r.returncode == 0 and (run / "training_log.png").exists(), r.stderr
+
+
+def test_bench_ends_with_one_json_line(tmp_path):
+    """`bench` measures the default model and its full-resolution twin; the last line of its
+    output is one JSON object with the keys the README documents (no speed is asserted)."""
+    r = run_cli("bench", "--steps", "1", "--batch-size", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"train_img_s", "full_res_train_img_s", "sample_img_s", "peak_mem_mb", "device"} <= result.keys()
+    assert result["device"] == "cpu" and min(result["train_img_s"], result["full_res_train_img_s"], result["sample_img_s"]) > 0
 
 
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "missing checkpoint", "corrupt checkpoint",
