@@ -482,12 +482,14 @@ class UNet(nn.Module):
 # steps stay finite, and no noise is injected at the data end.
 # -----------------------------------------------------------------------------
 
-# Which sampler, how many steps? Measured on a trained checkpoint against a
-# 500-step Heun solution from the same noise (RMS error in pixel units):
-# Heun with 20 steps (40 network calls) lands at 0.028, closer than Euler
-# with 100 calls (0.032); Heun with 50 matches Euler with 200. Halving h cuts
-# Heun's error about 4x once h is small, as a second-order method should.
-# Hence the default: Heun, 20 steps.
+# Which sampler, how many steps? Measured against a 500-step Heun solution
+# from the same noise (RMS error in pixel units; README has the tables). On a
+# uniform grid Heun-20 (40 network calls) beat Euler-100: 0.028 vs 0.032.
+# Halving h cuts Heun's error about 4x once h is small, as a second-order
+# method should. The shift-4 grid takes big steps near t=1, where x-
+# prediction's velocity (z_hat - x)/(1-t) changes fastest: there Heun-20 gives
+# 0.075 and needs 50 steps to match Euler-100, while a grid shift of 2 brings
+# Heun-30 to 0.020. Default: Heun, 20 steps, on the training shift.
 
 SAMPLERS = ("euler", "heun", "sde")
 
@@ -554,12 +556,13 @@ def autocast(device, cpu_bf16=False):
 
 
 @torch.no_grad()
-def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_size=64, sigma=1.0, frames=None):
+def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_size=64, sigma=1.0, frames=None, grid_shift=None):
     """n sprites as a uint8 (n, 128, 128, 4) tensor. Noise comes from a CPU generator
     seeded with `seed`, so the same seed gives the same sprites on any device."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose from {', '.join(SAMPLERS)}")
     device, gen = torch.device(device), torch.Generator().manual_seed(seed)
+    shift = model.shift if grid_shift is None else grid_shift  # the time grid's warp (section 5)
     model.eval()
 
     def velocity(x, t):
@@ -575,9 +578,9 @@ def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_siz
             keep.append(x)
         if sampler == "sde":
             noise_gen = torch.Generator(device).manual_seed(seed + 1 + start)
-            x = sample_sde(velocity, x, steps, model.schedule, sigma, generator=noise_gen, frames=keep, shift=model.shift)
+            x = sample_sde(velocity, x, steps, model.schedule, sigma, generator=noise_gen, frames=keep, shift=shift)
         else:
-            x = {"euler": sample_euler, "heun": sample_heun}[sampler](velocity, x, steps, keep, model.shift)
+            x = {"euler": sample_euler, "heun": sample_heun}[sampler](velocity, x, steps, keep, shift)
         out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -663,11 +666,14 @@ def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
 #   predicting one reached 0.43 with clean transparent backgrounds.
 # * uniform t: at step 500 its validation loss was 0.121 against 0.139 for
 #   logit-normal(0, 1) and 0.230 for logit-normal(-0.8, 0.8), and its
-#   silhouettes were the most compact. With x-prediction the velocity loss
-#   already weights t by (d_alpha - d_beta alpha / beta)^2 = 1/(1-t)^2 for the
-#   linear path, so the loss itself leans towards t = 1; logit-normal sampling
-#   then starves both ends, and the noisy end is where a sprite's overall shape
-#   is decided. Its shifted variant starves the data end instead.
+#   silhouettes were the most compact (both ends of the path matter).
+# * weight_cap 3 with t_shift 4: the key to colour. With the uncapped weight
+#   (up to 400) samples stayed rainbow speckle even after 30 minutes, while a
+#   single denoising step on real sprites was nearly right: the model had not
+#   learned the middle of the path, and the ODE keeps what it decides there.
+#   Runs stopped at step 500 with caps 400, 25, 8, 3 and 1 show the speckle
+#   giving way to flat colour regions as the cap falls; 3 keeps more detail
+#   near t = 1 than 1 does. The shift follows from the 4x4 blocks (section 3).
 # * fp32 on CPU: bf16 autocast made a training step about 50x slower here
 #   (0.2 vs 10.9 images/s), because CPU convolutions have no fast bf16 path.
 # * AdamW at 1e-3 with 200 warm-up steps, batch 32, EMA 0.999: gradient norms
@@ -705,8 +711,8 @@ class TrainConfig:
     t_dist: str = option("uniform", "training time distribution", ("uniform", "logit-normal"))
     t_mean: float = option(0.0, "logit-normal location m in t = sigmoid(m + s n); below 0 favours noisier t")
     t_std: float = option(1.0, "logit-normal scale s")
-    t_shift: float = option(1.0, "time shift s: t -> t / (t + s (1 - t)) in training and sampling; above 1 favours noisier t")
-    weight_cap: float = option(0.0, "cap on the x-prediction loss weight w(t) = 1/(1-t)^2 (linear path); 0 = no cap")
+    t_shift: float = option(4.0, "time shift s: t -> t / (t + s (1 - t)) in training and sampling; above 1 favours noisier t")
+    weight_cap: float = option(3.0, "cap on the x-prediction loss weight w(t) = 1/(1-t)^2 (linear path); 0 = no cap")
     channels: str = option("32,64,128", "U-Net widths per level, comma-separated")
     blocks: int = option(2, "residual blocks per level")
     unshuffle: int = option(0, "pixel-unshuffle factor; 0 = 4 on CPU, 2 on GPU", (0, 1, 2, 4))
@@ -1141,8 +1147,8 @@ def newest_checkpoint(root="runs"):
 
 def cmd_sample(args):
     """Write --n sprites as RGBA PNGs plus a grid sheet (and optionally the trajectory)."""
-    if args.n <= 0 or args.steps <= 0:
-        raise UserError("--n and --steps must be positive")
+    if args.n <= 0 or args.steps <= 0 or args.grid_shift < 0:
+        raise UserError("--n and --steps must be positive, and --grid-shift zero or more")
     device = pick_device(args.device)
     path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
     model = load_model_from_checkpoint(path, device)
@@ -1150,7 +1156,8 @@ def cmd_sample(args):
     out.mkdir(parents=True, exist_ok=True)
     frames = [] if args.trajectory else None
     t0 = time.time()
-    sprites = generate(model, args.n, args.steps, args.sampler, args.seed, device, sigma=args.sigma, frames=frames)
+    sprites = generate(model, args.n, args.steps, args.sampler, args.seed, device, sigma=args.sigma, frames=frames,
+                       grid_shift=args.grid_shift or None)
     for i, sprite in enumerate(sprites):
         Image.fromarray(sprite.numpy(), "RGBA").save(out / f"sprite_{i:03d}.png")
     sprite_sheet(sprites).save(out / "grid.png")
@@ -1295,6 +1302,22 @@ def denoising_errors(model, sprites, device, times=(0.1, 0.2, 0.3, 0.5, 0.7, 0.9
     return rows
 
 
+def pixel_art_stats(images, block=4):
+    """Two weight-free quality proxies for sprites drawn in `block`-pixel blocks, from uint8
+    (N, H, W, 4): flatness, the share of side-by-side opaque blocks whose colours differ
+    by at most 24 in every channel (clean colour regions score high, speckle low), and
+    colours, the mean number of distinct colours per sprite at 8 levels per channel."""
+    g = images[:, block // 2::block, block // 2::block].long()  # (N, H/block, W/block, 4)
+    opaque, rgb = g[..., 3] > 127, g[..., :3]
+    same = pairs = 0
+    for a, b, both in ((rgb[:, :, 1:], rgb[:, :, :-1], opaque[:, :, 1:] & opaque[:, :, :-1]),
+                       (rgb[:, 1:], rgb[:, :-1], opaque[:, 1:] & opaque[:, :-1])):
+        pairs += both.sum().item()
+        same += (((a - b).abs().amax(-1) <= 24) & both).sum().item()
+    colours = [len(torch.unique(rgb[k][opaque[k]] // 32, dim=0)) for k in range(len(g))]
+    return {"flatness": round(same / max(pairs, 1), 3), "colours": round(sum(colours) / len(colours), 1)}
+
+
 def cmd_bench(args):
     """Measure the default model on this device; the last printed line is JSON."""
     cfg = TrainConfig(bf16=args.bf16, compile=args.compile)
@@ -1315,16 +1338,20 @@ def cmd_bench(args):
     full = dataclasses.replace(cfg, unshuffle=1)
     full_img_s, full_params, _ = time_train_steps(full, device, max(1, args.steps // 4), min(batch, 8))
     print(f"full resolution (unshuffle 1, {full_params / 1e6:.1f}M params): {full_img_s:.2f} train img/s", file=sys.stderr)
-    errors = denoise = None
+    errors = denoise = art = None
     if args.checkpoint:
         trained = load_model_from_checkpoint(args.checkpoint, device)
         errors = sampler_errors(trained, device)
-        denoise = denoising_errors(trained, load_folder(args.data)[0][-64:], device)
+        sprites = load_folder(args.data)[0]
+        denoise = denoising_errors(trained, sprites[-64:], device)
+        art = {"data": pixel_art_stats(sprites[-64:].permute(0, 2, 3, 1)),
+               "samples": pixel_art_stats(generate(trained, 64, cfg.sample_steps, "heun", 7, device))}
+        print(f"pixel-art stats, 64 sprites: {art}", file=sys.stderr)
     print(json.dumps({"device": str(device), "train_img_s": round(train_img_s, 2), "full_res_train_img_s": round(full_img_s, 3),
                       "speedup": round(train_img_s / full_img_s, 1), "sample_img_s": round(sample_img_s, 3),
                       "peak_mem_mb": round(peak_mb), "batch_size": batch, "params_m": round(n_params / 1e6, 2),
                       "bf16": cfg.bf16 or device.type == "cuda", "threads": torch.get_num_threads(),
-                      **({"sampler_rms_error": errors, "denoising_mse": denoise} if errors else {})}))
+                      **({"sampler_rms_error": errors, "denoising_mse": denoise, "pixel_art": art} if errors else {})}))
 
 
 def add_config_arguments(parser):
@@ -1358,6 +1385,7 @@ def main(argv=None):
     p_sample.add_argument("--steps", type=int, default=20, help="integration steps")
     p_sample.add_argument("--sampler", choices=SAMPLERS, default="heun", help="ODE (euler, heun) or SDE sampler")
     p_sample.add_argument("--sigma", type=float, default=1.0, help="SDE noise scale: sigma_t = sigma * beta_t")
+    p_sample.add_argument("--grid-shift", type=float, default=0.0, help="warp of the sampler's time grid; 0 = the model's training --t-shift")
     p_sample.add_argument("--seed", type=int, default=0, help="noise seed")
     p_sample.add_argument("--out", default="samples", help="output folder")
     p_sample.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
@@ -1371,7 +1399,7 @@ def main(argv=None):
     p_bench.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
     p_bench.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
     p_bench.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p_bench.add_argument("--checkpoint", default="", help="also measure Euler/Heun error vs a 500-step Heun reference, and denoising error per t")
+    p_bench.add_argument("--checkpoint", default="", help="also measure Euler/Heun error vs a 500-step Heun reference, denoising error per t and pixel-art stats")
     p_bench.add_argument("--data", default="data/images", help="sprites for the denoising error (the last 64 files)")
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # one line, no source echo

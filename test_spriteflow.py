@@ -514,6 +514,20 @@ def test_cli_trains_then_samples_then_plots(tmp_path):
     assert r.returncode == 0 and (run / "training_log.png").exists(), r.stderr
 
 
+def test_pixel_art_stats_count_flat_blocks_and_colours():
+    """Two flat colour halves on an 8x8 grid of 4-px blocks: 104 of 112 neighbouring pairs
+    match and there are 2 colours; transparent blocks are ignored; speckle scores low."""
+    img = torch.zeros(1, 32, 32, 4, dtype=torch.uint8)
+    img[..., 3] = 255
+    img[:, :, :16, :3], img[:, :, 16:, :3] = 40, 140
+    assert sf.pixel_art_stats(img) == {"flatness": round(104 / 112, 3), "colours": 2.0}
+    img[:, :4, :, 3] = 0  # a transparent top row of blocks changes nothing but the counts
+    assert sf.pixel_art_stats(img) == {"flatness": round(90 / 97, 3), "colours": 2.0}
+    speckle = torch.randint(0, 256, (1, 8, 8, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    speckle[..., 3] = 255
+    assert sf.pixel_art_stats(speckle.repeat_interleave(4, 1).repeat_interleave(4, 2))["flatness"] < 0.2
+
+
 def test_bench_ends_with_one_json_line(tmp_path):
     """`bench` measures the default model and its full-resolution twin; the last line of its
     output is one JSON object with the keys the README documents (no speed is asserted)."""
