@@ -1343,9 +1343,9 @@ def cmd_bench(args):
     if args.checkpoint:
         trained = load_model_from_checkpoint(args.checkpoint, device)
         errors = sampler_errors(trained, device)
-        sprites = load_folder(args.data)[0]
-        denoise = denoising_errors(trained, sprites[-64:], device)
-        art = {"data": pixel_art_stats(sprites[-64:].permute(0, 2, 3, 1)),
+        sprites = load_folder(args.data)[0][-64:]  # (64, 4, 128, 128) uint8
+        denoise = denoising_errors(trained, sprites, device)
+        art = {"data": pixel_art_stats(sprites.permute(0, 2, 3, 1)),
                "samples": pixel_art_stats(generate(trained, 64, cfg.sample_steps, "heun", 7, device))}
         print(f"pixel-art stats, 64 sprites: {art}", file=sys.stderr)
     print(json.dumps({"device": str(device), "train_img_s": round(train_img_s, 2), "full_res_train_img_s": round(full_img_s, 3),
