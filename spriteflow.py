@@ -677,10 +677,13 @@ def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
 #   learned the middle of the path, and the ODE keeps what it decides there.
 #   Runs stopped at step 500 with caps 400, 25, 8, 3 and 1 show the speckle
 #   giving way to flat colour regions as the cap falls; 3 keeps more detail
-#   near t = 1 than 1 does. The shift follows from the 4x4 blocks (section 3).
+#   near t = 1 than 1 does. The shift follows from the 4x4 blocks (section 3);
+#   at step 500 with cap 3, shifts 1, 2, 4 and 8 gave flatness (section 8)
+#   0.19, 0.22, 0.26 and 0.27, but at 8 the outlines went ragged.
 # * fp32 on CPU: bf16 autocast made a training step about 50x slower here
 #   (0.2 vs 10.9 images/s), because CPU convolutions have no fast bf16 path.
-# * AdamW at 1e-3 with 200 warm-up steps, batch 32, EMA 0.999. With the cap,
+# * AdamW at 1e-3 with 200 warm-up steps, batch 32, EMA 0.999. A 30-minute
+#   run at 2e-3 sampled no better (flatness 0.258 vs 0.257). With the cap,
 #   logged gradient norms (25-step means) stay between 0.08 and 0.32 after the
 #   first 250 steps, so the clip at 1.0 only acts during warm-up and on spikes.
 

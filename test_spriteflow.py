@@ -539,7 +539,7 @@ def test_bench_ends_with_one_json_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "missing checkpoint", "corrupt checkpoint",
-                                  "no runs", "bad value", "bad choice", "unknown flag", "existing run"])
+                                  "no runs", "bad value", "bad sample value", "bad choice", "unknown flag", "existing run"])
 def test_bad_input_is_one_clear_sentence(tmp_path, case):
     """Each bad input ends with a non-zero exit and a short message, never a traceback; an
     existing run's checkpoint is left untouched."""
@@ -551,6 +551,7 @@ def test_bad_input_is_one_clear_sentence(tmp_path, case):
     args = {"missing folder": ["train", "--data", "nope"], "empty folder": ["train", "--data", "empty"],
             "missing checkpoint": ["sample", "--checkpoint", "gone.pt"], "corrupt checkpoint": ["sample", "--checkpoint", "bad.pt"],
             "no runs": ["sample"], "bad value": ["train", "--data", "imgs", "--lr", "-1"],
+            "bad sample value": ["sample", "--checkpoint", "bad.pt", "--grid-shift", "0"],
             "bad choice": ["sample", "--checkpoint", "bad.pt", "--sampler", "rk4"], "unknown flag": ["train", "--wat"],
             "existing run": ["train", "--data", "imgs", "--run-dir", "run"]}[case]
     r = run_cli(*args, cwd=tmp_path)
