@@ -1302,7 +1302,7 @@ def denoising_errors(model, sprites, device, times=(0.1, 0.2, 0.3, 0.5, 0.7, 0.9
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for t0 in times:
-        t = torch.full((len(z),), t0, device=device)
+        t = at(z, t0)
         x_t = sample_path(z, t, eps, model.schedule)
         out = model(x_t, t)
         z_hat = out if model.target == "data" else data_from_velocity(out, x_t, t, model.schedule)
