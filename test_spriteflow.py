@@ -485,6 +485,21 @@ def test_seed_makes_runs_reproducible_and_checkpoints_load_safely(tmp_path):
     assert (tmp_path / "a" / "best.pt").exists() and list((tmp_path / "a" / "samples").glob("*.png")) == []
 
 
+def test_norm_groups_are_saved_and_old_checkpoints_keep_32(tmp_path):
+    """--norm-groups reaches every GroupNorm and is stored in the checkpoint. A checkpoint
+    without it (written before it existed, with 32 groups) loads with 32 groups, so it keeps
+    producing the very samples it was trained for, although the default is now 8."""
+    data = write_sprites(tmp_path / "d", 5)
+    path = sf.train(tiny_config(data, tmp_path / "a", max_steps=2, norm_groups=4)) / "last.pt"
+    groups = lambda m: {g.num_groups for g in m.modules() if isinstance(g, torch.nn.GroupNorm)}
+    assert groups(sf.load_model_from_checkpoint(path)) == {4}
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["norm_groups"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert groups(sf.load_model_from_checkpoint(tmp_path / "old.pt")) == {16, 32}  # gcd(32, 16) = 16
+    assert groups(sf.build_model(sf.TrainConfig(channels="16,32"), torch.device("cpu"))) == {8}
+
+
 def run_cli(*args, cwd, timeout=120, **kw):
     env = dict(os.environ, PYTHONWARNINGS="default", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / "spriteflow.py"), *args], cwd=cwd, capture_output=True,
