@@ -474,6 +474,16 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "3", "4", "6"]
 
 
+def test_progress_eta_uses_this_sessions_pace_and_the_time_limit(capsys):
+    """A resumed run at step 1,100 that took 60 s for its own 100 steps has 900 steps, 9 minutes,
+    left, not the 0.8 minutes that dividing by all 1,100 steps would claim; --max-minutes 3
+    caps the estimate at the 2 minutes left."""
+    sf.progress(1100, 2000, 0.1, 10.0, 60.0, 100)
+    sf.progress(1100, 2000, 0.1, 10.0, 60.0, 100, max_minutes=3)
+    first, second = capsys.readouterr().err.strip().splitlines()
+    assert first.endswith("eta 9 min") and second.endswith("eta 2 min")
+
+
 def test_seed_makes_runs_reproducible_and_checkpoints_load_safely(tmp_path):
     """Two runs with one seed give identical weights; checkpoints load with weights_only=True
     and hold model, EMA, optimizer, step, RNG state and config."""
@@ -554,7 +564,8 @@ def test_bench_ends_with_one_json_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "missing checkpoint", "corrupt checkpoint",
-                                  "no runs", "bad value", "bad sample value", "bad choice", "unknown flag", "existing run"])
+                                  "checkpoint is a folder", "no runs", "bad value", "bad sample value", "bad choice",
+                                  "unknown flag", "existing run"])
 def test_bad_input_is_one_clear_sentence(tmp_path, case):
     """Each bad input ends with a non-zero exit and a short message, never a traceback; an
     existing run's checkpoint is left untouched."""
@@ -565,6 +576,7 @@ def test_bad_input_is_one_clear_sentence(tmp_path, case):
     (tmp_path / "run" / "last.pt").write_bytes(b"precious")
     args = {"missing folder": ["train", "--data", "nope"], "empty folder": ["train", "--data", "empty"],
             "missing checkpoint": ["sample", "--checkpoint", "gone.pt"], "corrupt checkpoint": ["sample", "--checkpoint", "bad.pt"],
+            "checkpoint is a folder": ["sample", "--checkpoint", "run"],
             "no runs": ["sample"], "bad value": ["train", "--data", "imgs", "--lr", "-1"],
             "bad sample value": ["sample", "--checkpoint", "bad.pt", "--grid-shift", "0"],
             "bad choice": ["sample", "--checkpoint", "bad.pt", "--sampler", "rk4"], "unknown flag": ["train", "--wat"],
@@ -573,6 +585,7 @@ def test_bad_input_is_one_clear_sentence(tmp_path, case):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and r.stderr.strip()
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
+    assert case != "checkpoint is a folder" or "is a folder" in r.stderr
     assert (tmp_path / "run" / "last.pt").read_bytes() == b"precious"
 
 
