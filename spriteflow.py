@@ -286,16 +286,24 @@ def shift_time(t, s):
     return t / (t + s * (1 - t))
 
 
+def data_coefficients(t, sched, like):
+    """(a, b) with u = a z_hat + b x: the velocity is affine in the predicted sprite,
+    a = d_alpha - d_beta alpha / beta and b = d_beta / beta, beta clamped at BETA_MIN."""
+    alpha, beta, d_alpha, d_beta = schedule(sched, expand(t, like))
+    beta = beta.clamp(min=BETA_MIN)
+    return d_alpha - d_beta * alpha / beta, d_beta / beta
+
+
 def velocity_from_data(z_hat, x, t, sched):
     """Turn a predicted clean sprite into a velocity (see above)."""
-    alpha, beta, d_alpha, d_beta = schedule(sched, expand(t, x))
-    return d_alpha * z_hat + d_beta * (x - alpha * z_hat) / beta.clamp(min=BETA_MIN)
+    a, b = data_coefficients(t, sched, x)
+    return a * z_hat + b * x
 
 
 def data_from_velocity(u, x, t, sched):
-    """The inverse of velocity_from_data where beta >= BETA_MIN: the sprite u points at."""
-    alpha, beta, d_alpha, d_beta = schedule(sched, expand(t, x))
-    return (u - d_beta * x / beta) / (d_alpha - d_beta * alpha / beta)
+    """The inverse of velocity_from_data: the sprite that velocity u points at."""
+    a, b = data_coefficients(t, sched, x)
+    return (u - b * x) / a
 
 
 def velocity_from_output(out, x, t, target, sched):
@@ -491,18 +499,12 @@ class UNet(nn.Module):
 # steps stay finite, and no noise is injected at the data end.
 # -----------------------------------------------------------------------------
 
-# Which sampler, how many steps, which grid? Measured against a 500-step Heun
-# solution from the same noise (RMS error in pixel units; README has the
-# tables). Halving h cuts Heun's error about 4x once h is small, as a second-
-# order method should, and on a uniform grid Heun-20 (40 network calls) beat
-# Euler-100 (0.028 vs 0.032, earlier checkpoint). A grid warped by the training
-# shift (s = 4) looks natural but is worse: it takes big steps near t=1, where
-# x-prediction's velocity (z_hat - x)/(1-t) changes fastest, and those last
-# steps are what make colour regions flat. With 20 Heun steps the flatness
-# proxy of section 8 was 0.17 on the s = 4 grid, 0.23 on s = 2 and 0.26 on the
-# uniform grid, as flat as 100 steps on the s = 4 grid. (The uniform grid's
-# coarse early steps land farther from the exact endpoint, RMS 0.086 vs 0.075,
-# yet give flatter sprites.) Default: Heun, 20 steps, uniform grid.
+# Which sampler, steps and grid? Measured against a 500-step Heun solution
+# from the same noise (README, "Sampling"): halving h cuts Heun's error about
+# 4x once h is small, and Heun-20 (40 network calls) beat Euler-100. A grid
+# warped by the training shift looks natural but samples worse: it takes big
+# steps near t=1, where x-prediction's velocity (z_hat - x)/(1-t) changes
+# fastest and colour regions are made flat. Default: Heun, 20 uniform steps.
 
 SAMPLERS = ("euler", "heun", "sde")
 
@@ -670,37 +672,19 @@ def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
 # them without running arbitrary pickled code.
 # -----------------------------------------------------------------------------
 
-# Why these defaults (measured on 2 CPU cores; README "Results" has the runs):
-# * pixel-unshuffle 4 with widths 32-64-128: 36 training images/s, against
-#   14.9 for 64-128-256 (1 block) and roughly 1/16 of that at full resolution.
-# * target "data": after ~220 steps the velocity-predicting model's validation
-#   loss stalled at 1.02 and its samples were speckled everywhere; the data-
-#   predicting one reached 0.43 with clean transparent backgrounds.
-# * uniform t: at step 500 its validation loss was 0.121 against 0.139 for
-#   logit-normal(0, 1) and 0.230 for logit-normal(-0.8, 0.8), and its
-#   silhouettes were the most compact (both ends of the path matter).
-# * weight_cap 3 with t_shift 4: the key to colour. With the uncapped weight
-#   (up to 400) samples stayed rainbow speckle even after 30 minutes, while a
-#   single denoising step on real sprites was nearly right: the model had not
-#   learned the middle of the path, and the ODE keeps what it decides there.
-#   Runs stopped at step 500 with caps 400, 25, 8, 3 and 1 show the speckle
-#   giving way to flat colour regions as the cap falls; 3 keeps more detail
-#   near t = 1 than 1 does. The shift follows from the 4x4 blocks (section 3);
-#   at step 500 with cap 3, shifts 1, 2, 4 and 8 gave flatness (section 8)
-#   0.19, 0.22, 0.26 and 0.27, but at 8 the outlines went ragged.
-# * norm_groups 8: with 32 groups the 32-channel level was normalised channel
-#   by channel. At step 500, 16, 8 and 4 groups gave validation losses of
-#   0.17, 0.15 and 0.15 against 0.30, and one-step errors from t = 0.5 on
-#   fell by about half.
-# * fp32 on CPU: bf16 autocast made a training step about 50x slower here
-#   (0.2 vs 10.9 images/s), because CPU convolutions have no fast bf16 path.
-# * batch 32: on equal images (16,000), batches of 16 and 8 reached lower
-#   validation losses (0.089, 0.063 against 0.152), but a 30-minute run at
-#   16 sampled less flat (flatness 0.241 against 0.271), so 32 stays.
-# * AdamW at 1e-3 with 200 warm-up steps, EMA 0.999. A 30-minute run at
-#   2e-3 (batch 32) sampled no better (flatness 0.258 vs 0.257). With the cap,
-#   logged gradient norms (25-step means) stay between 0.08 and 0.32 after the
-#   first 250 steps, so the clip at 1.0 only acts during warm-up and on spikes.
+# Why these defaults (each measured on 2 CPU cores; README "Results" has the
+# runs, figures and numbers):
+# * pixel-unshuffle 4, widths 32-64-128: over 10x the images/s of the same
+#   widths at full resolution; wider or deeper nets were slower and no cleaner.
+# * target "data": the velocity-predicting net stayed speckled everywhere.
+# * uniform t, shifted by 4: a lower validation loss than logit-normal, and
+#   the shift spends training on the noisy times where colours are decided.
+# * weight_cap 3: the uncapped weight (up to 400) left samples rainbow
+#   speckle after 30 minutes although one denoising step on real sprites
+#   was nearly right; the middle of the path had not been learned.
+# * norm_groups 8 (see section 4), batch 32, AdamW at 1e-3 with 200 warm-up
+#   steps, EMA 0.999, gradient clip 1.0 (it acts only in warm-up and on spikes).
+# * fp32 on CPU: bf16 autocast made a step ~50x slower (no fast CPU bf16 convs).
 
 T_BUCKETS = 5
 
@@ -785,17 +769,13 @@ def parse_channels(text):
 
 
 def pick_device(name):
-    """'auto' takes the fastest device present; an explicit name must exist."""
+    """'auto' takes the fastest device present (cuda, then mps, then cpu); an explicit name must exist."""
+    mps = getattr(torch.backends, "mps", None)
+    present = {"cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available()), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for but MPS is not available")
+        return torch.device(next(d for d, ok in present.items() if ok))
+    if not present[name]:
+        raise UserError(f"--device {name} was asked for but no {name.upper()} device is available")
     return torch.device(name)
 
 
@@ -828,8 +808,7 @@ def flow_matching_loss(model, z, t, eps, target, sched, weight_cap=None):
     out = model(x_t, t).float()
     if target == "velocity":
         return (out - conditional_vector_field(z, t, eps, sched)).pow(2).flatten(1).mean(1)
-    alpha, beta, d_alpha, d_beta = schedule(sched, t)
-    w = (d_alpha - d_beta * alpha / beta.clamp(min=BETA_MIN)) ** 2  # (B,)
+    w = data_coefficients(t, sched, t)[0] ** 2  # (B,): u(z_hat) - u(z) = a (z_hat - z)
     if weight_cap:
         w = w.clamp(max=weight_cap)
     return w * (out - z).pow(2).flatten(1).mean(1)
