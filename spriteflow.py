@@ -475,6 +475,11 @@ class UNet(nn.Module):
     def velocity(self, x, t):
         return velocity_from_output(self(x, t), x, t, self.target, self.schedule)
 
+    def clean(self, x, t):
+        """z_hat(x, t): the sprite the flow is heading for, as the network sees it at t."""
+        out = self(x, t)
+        return out if self.target == "data" else data_from_velocity(out, x, t, self.schedule)
+
 
 # -----------------------------------------------------------------------------
 # 5. Samplers
@@ -1175,21 +1180,28 @@ def cmd_sample(args):
     print(f"wrote {len(sprites)} sprites and grid.png to {out} from {path} "
           f"({args.sampler}, {args.steps} steps, {time.time() - t0:.1f} s)")
     if frames is not None:
-        write_trajectory(frames, args.steps, out)
+        write_trajectory(model, frames, args.steps, out, args.grid_shift)
 
 
-def write_trajectory(frames, steps, out, count=4, n_frames=9):
-    """A GIF (and a PNG strip) of the first few sprites flowing from noise to data.
-
-    Intermediate states are shown as they are, alpha included, so the picture
-    shows the noise condensing; only the final frame is snapped to binary alpha.
-    """
+@torch.no_grad()
+def write_trajectory(model, frames, steps, out, grid_shift=1.0, count=4, n_frames=9):
+    """A GIF and a PNG of the first few sprites flowing from noise to data. Each row is
+    one time t: on the left the state x_t, on the right the network's guess z_hat(x_t, t)
+    of where it is heading. The guesses show when a sprite's layout and colours are
+    decided; x_t only shows it once the noise has faded. Only the last x_t is snapped
+    to binary alpha; the rest are shown as they are."""
+    ts = time_grid(steps, grid_shift)
     picks = sorted({round(k * steps / (n_frames - 1)) for k in range(n_frames)})
-    shots = [to_uint8(frames[i][:count], binary_alpha=(i == steps)) for i in picks]  # each (count, 128, 128, 4)
-    rows = [sprite_sheet(shot, cols=count) for shot in shots]
-    rows[0].save(out / "trajectory.gif", save_all=True, append_images=rows[1:] + [rows[-1]] * 3, duration=300, loop=0)
-    sprite_sheet(torch.cat(shots), cols=count).save(out / "trajectory.png")  # one row per time
-    print(f"wrote trajectory.gif and trajectory.png ({len(rows)} frames) to {out}")
+    rows = []
+    for i in picks:
+        x = frames[i][:count]
+        with autocast(x.device):
+            z_hat = model.clean(x, at(x, ts[i])).float()
+        rows.append(torch.cat([to_uint8(x, binary_alpha=(i == steps)), to_uint8(z_hat, binary_alpha=False)]))
+    sheets = [sprite_sheet(row, cols=2 * count) for row in rows]
+    sheets[0].save(out / "trajectory.gif", save_all=True, append_images=sheets[1:] + [sheets[-1]] * 3, duration=300, loop=0)
+    sprite_sheet(torch.cat(rows), cols=2 * count).save(out / "trajectory.png")  # one row per time
+    print(f"wrote trajectory.gif and trajectory.png ({len(rows)} times; left x_t, right z_hat) to {out}")
 
 
 def cmd_plot(args):
@@ -1306,8 +1318,7 @@ def denoising_errors(model, sprites, device, times=(0.1, 0.2, 0.3, 0.5, 0.7, 0.9
     for t0 in times:
         t = at(z, t0)
         x_t = sample_path(z, t, eps, model.schedule)
-        out = model(x_t, t)
-        z_hat = out if model.target == "data" else data_from_velocity(out, x_t, t, model.schedule)
+        z_hat = model.clean(x_t, t)
         rows.append({"t": t0, "mse": (z_hat - z).pow(2).mean().item()})
         print(f"t = {t0:.1f}: one-shot denoising MSE {rows[-1]['mse']:.4f}", file=sys.stderr)
     return rows
