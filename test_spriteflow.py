@@ -421,6 +421,20 @@ def test_unet_has_no_batchnorm_and_samples_do_not_see_each_other():
         assert torch.allclose(model(x, t)[:1], model(x[:1], t[:1]), atol=1e-5)
 
 
+@pytest.mark.parametrize("target", sf.TARGETS)
+def test_unet_guess_and_velocity_agree(target):
+    """UNet.clean and UNet.velocity describe one field: u = a z_hat + b x with the
+    coefficients of section 3, whichever target the network predicts."""
+    model = tiny_unet(target=target)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 4, 128, 128), torch.tensor([0.2, 0.97])
+    with torch.no_grad():
+        z_hat, u = model.clean(x, t), model.velocity(x, t)
+    assert torch.allclose(sf.velocity_from_data(z_hat, x, t, "linear"), u, atol=1e-4)
+    assert not torch.allclose(z_hat, u, atol=1e-3)
+
+
 def test_tiny_model_overfits_a_handful_of_sprites():
     """A small U-Net trained on 4 sprites drives the flow-matching loss, at fixed (t, eps),
     far below its starting value."""
