@@ -1406,7 +1406,7 @@ def main(argv=None):
     p_sample.add_argument("--n", type=int, default=16, help="number of sprites")
     p_sample.add_argument("--steps", type=int, default=20, help="integration steps")
     p_sample.add_argument("--sampler", choices=SAMPLERS, default="heun", help="ODE (euler, heun) or SDE sampler")
-    p_sample.add_argument("--sigma", type=float, default=1.0, help="SDE noise scale: sigma_t = sigma * beta_t")
+    p_sample.add_argument("--sigma", type=float, default=1.0, help="SDE noise scale: sigma_t = sigma * beta_t (larger: flatter but simpler sprites)")
     p_sample.add_argument("--grid-shift", type=float, default=1.0, help="warp s of the sampler's time grid, t -> t / (t + s (1 - t)); 1 = uniform")
     p_sample.add_argument("--seed", type=int, default=0, help="noise seed")
     p_sample.add_argument("--out", default="samples", help="output folder")
