@@ -431,7 +431,7 @@ def test_unet_guess_and_velocity_agree(target):
     x, t = torch.randn(2, 4, 128, 128), torch.tensor([0.2, 0.97])
     with torch.no_grad():
         z_hat, u = model.clean(x, t), model.velocity(x, t)
-    assert torch.allclose(sf.velocity_from_data(z_hat, x, t, "linear"), u, atol=1e-4)
+    assert torch.allclose(sf.velocity_from_data(z_hat, x, t, model.schedule), u, atol=1e-4)
     assert not torch.allclose(z_hat, u, atol=1e-3)
 
 
