@@ -13,6 +13,11 @@ clouds of points in 2048-d space, and we measure how far apart the clouds are.
     python fid.py real.npz samples/                     # FID against cached statistics
     python fid.py data/images samples/ --background black --batch-size 20
 
+Weight-free sprite measures (section 6; nothing to download, seconds on a CPU):
+
+    python fid.py --measure samples/ --data data/images  # pixel-art, saturation, random-feature FD
+    python fid.py --nearest samples/ --data data/images --sheet nn.png   # memorisation check
+
 FID, the Frechet Inception Distance (Heusel et al., 2017), fits a Gaussian to
 each cloud (mean mu, covariance sigma) and takes the Frechet (2-Wasserstein)
 distance between the two Gaussians:
@@ -57,6 +62,8 @@ else they are downloaded there once.
 
 import argparse
 import hashlib
+import json
+import math
 import os
 import sys
 import tempfile
@@ -721,7 +728,252 @@ def fid_kid(images_a, images_b, model, batch_size=50, device=None, background=(2
 
 
 # -----------------------------------------------------------------------------
-# 6. Command line
+# 6. Sprite-level measures: numbers that need no downloaded network
+#
+# FID sees sprites through a network trained on photos, after flattening them
+# onto a background and blurring them up to 299x299; it needs a 91 MiB file
+# and minutes of CPU. The measures below need only the sprites, take seconds,
+# and each answers one narrower question:
+#
+#   pixel_art_stats          is it drawn like pixel art? flatness: the share of
+#                            neighbouring opaque blocks of the same colour;
+#                            colours: distinct colours per sprite.
+#   saturation_stats         are the colours as vivid as the data's? A sprite can
+#                            be flat and have few colours and still be garish
+#                            (or muddy); the two proxies above cannot see that.
+#   random_feature_distance  the Frechet distance of section 5, in the features
+#                            of a small random network instead of Inception.
+#   memorisation_report      does a sample copy a training sprite?
+#
+# Compare a model's sprites with the data, both measured the same way and at
+# the same number of sprites. These numbers rank runs against each other;
+# none of them is an absolute score.
+#
+# All functions take uint8 RGBA sprites with channels last, (N, H, W, 4), as
+# a tensor or an array, like the rest of this file. A pixel counts as opaque
+# when its alpha is above 127.
+
+
+def _uint8_tensor(images):
+    """uint8 images as a tensor or an array -> a uint8 CPU tensor (a copy of an array)."""
+    if not isinstance(images, torch.Tensor):
+        images = torch.from_numpy(np.array(images))  # np.array copies: PIL's arrays are read-only
+    if images.dtype != torch.uint8:
+        raise FIDError(f"Sprites must be uint8, got {images.dtype}.")
+    return images.detach().cpu()
+
+
+def pixel_art_stats(images, block=4):
+    """Two weight-free quality proxies for sprites drawn in `block`-pixel blocks, from uint8
+    (N, H, W, 4): flatness, the share of side-by-side opaque blocks whose colours differ
+    by at most 24 in every channel (clean colour regions score high, speckle low), and
+    colours, the mean number of distinct colours per sprite at 8 levels per channel."""
+    images = _uint8_tensor(images)
+    g = images[:, block // 2::block, block // 2::block].long()  # (N, H/block, W/block, 4)
+    opaque, rgb = g[..., 3] > 127, g[..., :3]
+    same = pairs = 0
+    for a, b, both in ((rgb[:, :, 1:], rgb[:, :, :-1], opaque[:, :, 1:] & opaque[:, :, :-1]),
+                       (rgb[:, 1:], rgb[:, :-1], opaque[:, 1:] & opaque[:, :-1])):
+        pairs += both.sum().item()
+        same += (((a - b).abs().amax(-1) <= 24) & both).sum().item()
+    colours = [len(torch.unique(rgb[k][opaque[k]] // 32, dim=0)) for k in range(len(g))]
+    return {"flatness": round(same / max(pairs, 1), 3), "colours": round(sum(colours) / len(colours), 1)}
+
+
+def saturation_stats(images):
+    """How vivid the colours are, from uint8 (N, H, W, 4) sprites.
+
+    HSV saturation of a pixel is s = (max - min) / max of its R, G, B: 0 for
+    grey, white and black (max = 0 counts as grey), 1 for a pure hue such as
+    (255, 0, 0). Each sprite gets the mean s over its opaque pixels; we return
+    the mean and the standard deviation (over sprites, dividing by N) of that,
+    as {"saturation", "saturation_std"}. Sprites without an opaque pixel are
+    left out; with none at all both values are nan."""
+    x = _uint8_tensor(images).double()
+    opaque = x[..., 3] > 127
+    hi, lo = x[..., :3].amax(-1), x[..., :3].amin(-1)
+    s = (hi - lo) / hi.clamp(min=1)  # hi = 0 means lo = 0 too, so s = 0
+    count = opaque.sum((1, 2))
+    per_sprite = ((s * opaque).sum((1, 2)) / count.clamp(min=1))[count > 0]
+    if len(per_sprite) == 0:
+        return {"saturation": float("nan"), "saturation_std": float("nan")}
+    return {"saturation": per_sprite.mean().item(), "saturation_std": per_sprite.std(correction=0).item()}
+
+
+# A Frechet distance in random features.
+#
+# The Frechet distance of section 5 compares the mean and covariance of a
+# feature map phi(x) over two sets. Nothing in the formula needs phi to be
+# trained: for ANY fixed phi it is 0 exactly when the two sets have the same
+# feature mean and covariance, and grows as they drift apart. Training only
+# decides which differences phi notices. A random convolutional network with
+# ReLUs is still a rich nonlinear map (the idea behind random features,
+# Rahimi and Recht, 2007: a random map, drawn once and then fixed, can tell
+# distributions apart), and unlike Inception it sees what we care about here:
+# the sprite at its own 128x128 resolution, hard edges unblurred, and the
+# alpha channel, so a wrong silhouette counts as much as a wrong colour.
+#
+# The network (random_features):
+#   input   the RGBA sprite in [-1, 1], value / 127.5 - 1 (spriteflow.to_float's
+#           scale), 4 channels; a transparent pixel is (-1, -1, -1, -1).
+#   layers  4 convolutions, 3x3, stride 2, padding 1, no bias, each followed by
+#           ReLU: 128 -> 64 -> 32 -> 16 -> 8 pixels, widths 64, 128, 256, 512.
+#           Each output sees a 3, 7, 15 and 31 pixel window: from the edges of
+#           one pixel-art block up to whole body parts.
+#   weights He-scaled normal, std sqrt(2 / fan_in) with fan_in = 9 * channels
+#           in. With ReLU this keeps the mean square of the activations about
+#           the same at every layer, so no layer's features vanish or dominate.
+#           Drawn from torch.Generator().manual_seed(seed) on the CPU: the same
+#           numbers on every machine and every day. A different seed is a
+#           different (equally good) ruler; never compare across seeds.
+#   features per layer and channel, the mean over positions (how much of a
+#           pattern there is) and the standard deviation over positions (how
+#           unevenly it is spread), each layer's block divided by sqrt(width)
+#           so that the four scales weigh the same in the squared distance:
+#           2 * (64 + 128 + 256 + 512) = 1920 numbers per sprite, in float64.
+#
+# No BatchNorm and no other mixing between images: a sprite's features do not
+# depend on the batch it is in (up to float32 rounding, ~1e-7). The distance
+# itself reuses statistics and fid_between, so with fewer sprites than 1920 it
+# takes the fast exact low-rank route. Like FID it is biased upward at small
+# N: compare numbers at the same N only. A useful scale is the distance
+# between two disjoint random sets of data sprites of that N (the CLI prints
+# it): a model cannot be expected to come closer to the data than the data
+# comes to itself.
+
+RANDOM_WIDTHS = (64, 128, 256, 512)
+
+
+def random_conv_weights(seed=0, widths=RANDOM_WIDTHS, in_channels=4):
+    """The fixed random network: one (out, in, 3, 3) He-scaled float32 weight per layer."""
+    g = torch.Generator().manual_seed(seed)
+    weights, c_in = [], in_channels
+    for c_out in widths:
+        weights.append(torch.randn(c_out, c_in, 3, 3, generator=g) * math.sqrt(2 / (9 * c_in)))
+        c_in = c_out
+    return weights
+
+
+@torch.no_grad()
+def random_features(images, seed=0, batch_size=64):
+    """uint8 (N, H, W, 4) RGBA sprites -> (N, 2 * sum(RANDOM_WIDTHS)) float64 random features."""
+    images = _uint8_tensor(images)
+    if images.ndim != 4 or images.shape[-1] != 4:
+        raise FIDError(f"Expected RGBA sprites of shape (N, H, W, 4), got {tuple(images.shape)}.")
+    weights = random_conv_weights(seed)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 4, H, W) in [-1, 1]
+        feats = []
+        for w in weights:
+            x = F.relu(F.conv2d(x, w, stride=2, padding=1))
+            scale = 1 / math.sqrt(len(w))
+            feats += [x.mean((2, 3)) * scale, x.std((2, 3), correction=0) * scale]
+        out.append(torch.cat(feats, dim=1).double())
+    return torch.cat(out).numpy() if out else np.zeros((0, 2 * sum(RANDOM_WIDTHS)))
+
+
+def frechet_distance_of_features(feats_a, feats_b):
+    """Frechet distance between two (N, d) sets of features, by the fastest exact route."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "fewer images than dimensions": expected, see above
+        return fid_between(statistics(feats_a), statistics(feats_b), feats_a, feats_b)
+
+
+def random_feature_distance(images_a, images_b, seed=0, batch_size=64):
+    """Frechet distance between two sets of uint8 (N, H, W, 4) sprites in the random
+    features of random_features(seed). 0 for identical sets; lower is closer."""
+    return frechet_distance_of_features(random_features(images_a, seed, batch_size),
+                                        random_features(images_b, seed, batch_size))
+
+
+# Memorisation: does a sample copy a training sprite?
+#
+# A model that reproduces its training sprites scores well on every measure
+# above, so we also look for each sample's nearest training sprite in plain
+# pixel space, with the RMS distance over all 4 * 128 * 128 values in [-1, 1]:
+#
+#     d(x, y) = sqrt(mean((x - y)^2))     0: identical; 2: every value opposite
+#
+# All pairs at once: |x - y|^2 = |x|^2 + |y|^2 - 2 x.y, so the cross terms of
+# a chunk of queries against a chunk of references are one matrix product.
+# We multiply the byte values 0..255 in float64: every product and partial
+# sum is then an integer below 2^53 (at most 65,536 * 255^2 ~ 4e9), so the
+# result is exact and a copy comes out at exactly 0, not at rounding noise.
+# Chunking keeps the memory to a few hundred MB whatever the set sizes.
+#
+# How close is too close? Sprites of one style are close to each other
+# anyway, so the yardstick is the data itself: the held-out validation
+# sprites were never trained on, and their distances to the nearest training
+# sprite show how close a genuinely new sprite gets. A sample nearer to a
+# training sprite than even the nearest held-out sprite is suspicious.
+# Pixel distance misses a copy that is shifted by a pixel or recoloured, so
+# also look at the sheet of samples beside their nearest training sprites.
+
+
+@torch.no_grad()
+def nearest_neighbours(queries, references, chunk=256):
+    """For each query, its nearest reference: uint8 sprites of one shape (any layout, the
+    same for both) -> (distances float64 (Q,), indices long (Q,)), the RMS distance over
+    all values in [-1, 1]. Ties go to the lowest index. chunk sprites at a time on each
+    side: 128x128 RGBA sprites take about 4 * chunk / 256 * 128 MB at once."""
+    q, r = _uint8_tensor(queries), _uint8_tensor(references)
+    if len(r) == 0 or q.shape[1:] != r.shape[1:]:
+        raise FIDError(f"Cannot match {tuple(q.shape)} queries against {tuple(r.shape)} references.")
+    q, r = q.flatten(1), r.flatten(1)
+    best = torch.full((len(q),), float("inf"), dtype=torch.float64)  # squared distances in bytes^2
+    index = torch.zeros(len(q), dtype=torch.long)
+    for q0 in range(0, len(q), chunk):
+        qc = q[q0:q0 + chunk].double()
+        q_sq = (qc * qc).sum(1, keepdim=True)
+        best_c, index_c = best[q0:q0 + chunk], index[q0:q0 + chunk]  # views: writes land in best, index
+        for r0 in range(0, len(r), chunk):
+            rc = r[r0:r0 + chunk].double()
+            d2 = q_sq + (rc * rc).sum(1) - 2 * qc @ rc.T  # exact integers
+            d2_min, i_min = d2.min(1)
+            better = d2_min < best_c  # strict: on a tie the earlier chunk keeps it
+            best_c[better] = d2_min[better]
+            index_c[better] = i_min[better] + r0
+    return (best / q.shape[1]).sqrt() / 127.5, index  # mean over values, then bytes -> [-1, 1] scale
+
+
+def summarise_distances(d):
+    """min, 5th percentile, median and mean of a set of distances."""
+    d = np.asarray(d, dtype=np.float64)
+    return {"min": float(d.min()), "p5": float(np.percentile(d, 5)),
+            "median": float(np.median(d)), "mean": float(d.mean())}
+
+
+def memorisation_report(samples, train, val):
+    """Nearest training sprite of every sample, against the same for held-out sprites.
+
+    Returns a dict: samples and held_out, the summaries (min, p5, median,
+    mean) of the two sets of nearest-training distances; threshold, the
+    smallest held-out distance; closer_than_held_out, the share of samples
+    nearer to a training sprite than that; distances and indices, each
+    sample's distance and nearest training sprite (for nearest_sheet)."""
+    if len(samples) == 0 or len(val) == 0:
+        raise FIDError("The memorisation check needs at least one sample and one held-out sprite.")
+    d_samples, indices = nearest_neighbours(samples, train)
+    d_val, _ = nearest_neighbours(val, train)
+    threshold = d_val.min().item()
+    return {"samples": summarise_distances(d_samples), "held_out": summarise_distances(d_val),
+            "threshold": threshold, "closer_than_held_out": (d_samples < threshold).double().mean().item(),
+            "distances": d_samples, "indices": indices}
+
+
+def nearest_sheet(samples, train, indices, pairs_per_row=8):
+    """A PIL image: each sample (left) beside its nearest training sprite train[indices[i]]
+    (right), pairs_per_row pairs to a row, on spriteflow's checkerboard."""
+    import spriteflow  # lazily, like sample_checkpoint: only this needs it
+
+    samples, train = _uint8_tensor(samples), _uint8_tensor(train)
+    pairs = torch.stack([samples, train[torch.as_tensor(indices)]], dim=1).flatten(0, 1)  # s0, t0, s1, t1...
+    return spriteflow.sprite_sheet(pairs, cols=2 * max(1, min(pairs_per_row, len(samples))))
+
+
+# -----------------------------------------------------------------------------
+# 7. Command line
 
 
 def load_stats_file(path):
@@ -748,15 +1000,14 @@ def sample_checkpoint(path, args, device):
         import spriteflow  # lazily: only this path needs it
     except ImportError as e:
         raise FIDError(f"Scoring a checkpoint needs spriteflow.py next to fid.py ({e}).") from None
-    if not hasattr(spriteflow, "load_model_from_checkpoint"):
-        raise FIDError("This spriteflow.py has no load_model_from_checkpoint(), so fid.py cannot sample from it.")
     try:
-        model = spriteflow.load_model_from_checkpoint(str(path), device)
+        model, guide, ckpt = spriteflow.load_models(str(path), device)
     except spriteflow.UserError as e:
         raise FIDError(str(e).rstrip(".") + ".") from None
-    print(f"sampling {args.num_samples} sprites from {path} ({args.sampler}, {args.steps} steps)", file=sys.stderr)
-    images = spriteflow.generate(model, args.num_samples, steps=args.steps, sampler=args.sampler,
-                                 seed=args.seed, device=device)
+    labels, w = spriteflow.sample_plan(ckpt, guide, args.num_samples)
+    print(f"sampling {args.num_samples} sprites from {path} ({args.sampler}, {args.steps} steps, guidance {w:g})", file=sys.stderr)
+    images = spriteflow.generate(model, args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                                 device=device, labels=labels, guidance=w, guide=guide, grid=ckpt["grid"])
     del model
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()  # leave the GPU memory to Inception
@@ -788,10 +1039,116 @@ def load_side(path, args, device, get_model):
     return statistics(feats) + (feats,)
 
 
+# The sprite measures of section 6 get two flags, --measure SAMPLES and
+# --nearest SAMPLES, rather than subcommands: `python fid.py A B` must keep
+# working, and a subcommand word such as "measure" could not be told apart
+# from a folder of that name given as PATH_A. Both load sprites as the
+# trainer does (spriteflow.load_folder: RGBA, 128x128, transparent pixels
+# black) and end with one JSON line, so scripts can read the last line.
+
+SHEET_PAIRS = 64
+
+
+def _spriteflow():
+    try:
+        import spriteflow  # lazily: only the sprite commands and checkpoints need it
+    except ImportError as e:
+        raise FIDError(f"--measure and --nearest need spriteflow.py next to fid.py ({e}).") from None
+    return spriteflow
+
+
+def load_sprites(folder):
+    """A folder of sprites (searched recursively) -> ((N, 128, 128, 4) uint8 tensor, names)."""
+    spriteflow, folder = _spriteflow(), Path(folder)
+    if not folder.exists():
+        raise FIDError(f"{folder} does not exist.")
+    if not folder.is_dir():
+        raise FIDError(f"{folder} is not a folder.")
+    try:
+        loaded = spriteflow.load_folder(folder)  # (images, names) or, with class labels, (images, names, ...)
+    except spriteflow.UserError as e:
+        raise FIDError(str(e).rstrip(".") + ".") from None
+    images, names = loaded[0], loaded[1]
+    return images.permute(0, 2, 3, 1).contiguous(), names
+
+
+def sprite_measures(images):
+    """pixel_art_stats and saturation_stats of uint8 (N, H, W, 4) sprites, in one dict."""
+    return {**pixel_art_stats(images), **saturation_stats(images)}
+
+
+def run_measure(args):
+    """--measure: the sprite measures of the samples and of a random subset of the data,
+    and the random-feature Frechet distance between them."""
+    samples, _ = load_sprites(args.measure)
+    data, _ = load_sprites(args.data)
+    n_data = min(args.n_data or len(samples), len(data))
+    if len(samples) < 2 or n_data < 2:
+        raise FIDError(f"--measure needs at least 2 sprites on each side, got {len(samples)} and {n_data}.")
+    # A fixed random subset, so that repeated runs compare against the same
+    # sprites; and a second, disjoint one of the samples' size, whose distance
+    # to the first is the data's own distance at these sizes: the floor.
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+    reference = data[order[:n_data]]
+    rest = order[n_data:n_data + len(samples)]
+    feats_reference = random_features(reference)  # the network's seed stays 0: comparable across runs
+    floor = None
+    if len(rest) == len(samples):
+        floor = frechet_distance_of_features(random_features(data[rest]), feats_reference)
+    result = {"n_samples": len(samples), "n_data": n_data, "seed": args.seed,
+              "samples": sprite_measures(samples), "data": sprite_measures(reference),
+              "random_fd": frechet_distance_of_features(random_features(samples), feats_reference),
+              "random_fd_data_vs_data": floor}
+    if not args.json:
+        print(f"{len(samples)} samples from {args.measure} against {n_data} random sprites of {args.data} "
+              f"(seed {args.seed})")
+        print(f"{'':20}{'samples':>10}{'data':>10}")
+        for key, label, fmt in (("flatness", "flatness", ".3f"), ("colours", "colours", ".1f"),
+                                ("saturation", "saturation", ".4f"), ("saturation_std", "saturation std", ".4f")):
+            print(f"{label:20}{result['samples'][key]:>10{fmt}}{result['data'][key]:>10{fmt}}")
+        floor_text = f"{floor:.4g}" if floor is not None else f"needs {n_data + len(samples)} data sprites"
+        print(f"random-feature Frechet distance: {result['random_fd']:.4g} (data vs data: {floor_text})")
+    print(json.dumps(result))
+
+
+def run_nearest(args):
+    """--nearest: the memorisation report of the samples against the training split of the data."""
+    spriteflow = _spriteflow()
+    samples, sample_names = load_sprites(args.nearest)
+    data, names = load_sprites(args.data)
+    train_idx, val_idx = spriteflow.split_train_val(names, 0.05)  # the trainer's own split
+    train = data[train_idx]
+    report = memorisation_report(samples, train, data[val_idx])
+    distances, indices = report.pop("distances"), report.pop("indices")
+    closest = distances.argsort(stable=True)
+    flagged = [i for i in closest.tolist() if distances[i] < report["threshold"]]
+    if not args.json:
+        print(f"nearest training sprite (RMS distance, values in [-1, 1]) of {len(samples)} samples from "
+              f"{args.nearest} and of {len(val_idx)} held-out sprites, among {len(train)} training sprites of {args.data}")
+        print(f"{'':12}{'min':>9}{'5%':>9}{'median':>9}{'mean':>9}")
+        for key, label in (("samples", "samples"), ("held_out", "held-out")):
+            print(f"{label:12}" + "".join(f"{report[key][k]:>9.4f}" for k in ("min", "p5", "median", "mean")))
+        print(f"{len(flagged)} of {len(samples)} samples ({report['closer_than_held_out']:.1%}) are closer to a "
+              f"training sprite than any held-out sprite is ({report['threshold']:.4f})")
+        for i in flagged[:10]:
+            print(f"  {sample_names[i]}  {distances[i]:.4f}  {names[train_idx[indices[i]]]}")
+    if args.sheet:
+        shown = closest[:SHEET_PAIRS]
+        try:
+            nearest_sheet(samples[shown], train, indices[shown]).save(args.sheet)
+        except (OSError, ValueError) as e:  # ValueError: an extension PIL does not know
+            raise FIDError(f"Could not write {args.sheet} ({e}).") from None
+        if not args.json:
+            print(f"wrote {args.sheet}: the {len(shown)} closest samples (left), each beside its nearest "
+                  f"training sprite (right)")
+    print(json.dumps({"n_samples": len(samples), "n_train": len(train), "n_held_out": len(val_idx), **report}))
+
+
 def build_parser():
     p = argparse.ArgumentParser(
-        description="FID and KID between two sets of images (folders, .npz statistics, or a SpriteFlow checkpoint).")
-    p.add_argument("path_a", metavar="PATH_A", help="folder of images, or .npz with mu and sigma")
+        description="FID and KID between two sets of images (folders, .npz statistics, or a SpriteFlow checkpoint); "
+                    "or, with --measure or --nearest, weight-free sprite measures of a folder of samples.")
+    p.add_argument("path_a", metavar="PATH_A", nargs="?", help="folder of images, or .npz with mu and sigma")
     p.add_argument("path_b", metavar="PATH_B", nargs="?",
                    help="folder of images, .npz with mu and sigma, or a SpriteFlow checkpoint (.pt)")
     p.add_argument("--save-stats", metavar="OUT.npz", help="write mu and sigma of PATH_A to this file")
@@ -803,7 +1160,17 @@ def build_parser():
     p.add_argument("--background", default="white", help="colour behind transparent pixels: white, black or R,G,B")
     p.add_argument("--sampler", choices=["euler", "heun", "sde"], default="heun")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; with --measure, picks the data subset")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--measure", metavar="SAMPLES",
+                      help="pixel-art and saturation stats and the random-feature Frechet distance, SAMPLES vs --data")
+    mode.add_argument("--nearest", metavar="SAMPLES",
+                      help="memorisation check: each sample's nearest training sprite of --data")
+    p.add_argument("--data", default="data/images", help="the training sprites for --measure and --nearest")
+    p.add_argument("--n-data", type=int, help="--measure: data sprites to compare with (default: as many as samples)")
+    p.add_argument("--sheet", metavar="OUT.png",
+                   help=f"--nearest: write the {SHEET_PAIRS} closest samples beside their nearest training sprites")
+    p.add_argument("--json", action="store_true", help="--measure, --nearest: print only the JSON line")
     return p
 
 
@@ -813,8 +1180,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def run(args):
-    if args.path_b is None and not args.save_stats:
-        raise FIDError("Give two paths to compare, or one path and --save-stats OUT.npz.")
+    if args.measure or args.nearest:
+        if args.path_a or args.save_stats:
+            raise FIDError("--measure and --nearest take the samples folder and --data, not PATH_A, PATH_B or --save-stats.")
+        if args.sheet and not args.nearest:
+            raise FIDError("--sheet goes with --nearest.")
+        if args.n_data is not None and args.n_data < 2:
+            raise FIDError("--n-data must be at least 2.")
+        return run_measure(args) if args.measure else run_nearest(args)
+    if args.path_a is None or (args.path_b is None and not args.save_stats):
+        raise FIDError("Give two paths to compare, one path and --save-stats OUT.npz, or --measure or --nearest SAMPLES.")
     if args.batch_size < 1 or args.num_samples < 2 or args.steps < 1:
         raise FIDError("--batch-size and --steps must be at least 1, --num-samples at least 2.")
     parse_background(args.background)  # fail early on a bad colour
@@ -872,7 +1247,7 @@ def main(argv=None):
         run(args)
     except FIDError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # like argparse's usage errors and spriteflow.py
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,32 +1,28 @@
 """SpriteFlow: flow matching for 128x128 RGBA pixel-art characters, in one file.
 
 Read it top to bottom: data -> noise schedules -> Gaussian probability path ->
-time-conditioned U-Net -> ODE/SDE samplers -> EMA and LR schedule -> trainer ->
-command line. Time runs from t=0 (pure noise) to t=1 (data) everywhere.
+time- and class-conditioned U-Net -> ODE/SDE samplers and guidance -> EMA and
+LR schedule -> trainer -> what an invertible flow can do -> command line.
+Time runs from t=0 (pure noise) to t=1 (data) everywhere.
 
     pip install -r requirements.txt
-    python spriteflow.py train --data data/images            # CPU is fine
-    python spriteflow.py sample                              # newest run, 16 sprites
-    python spriteflow.py sample --sampler sde --steps 50 --trajectory
-    python spriteflow.py plot                                # loss curves -> PNG
-    python spriteflow.py bench                               # speed on this device
-    python -m pytest -q                                      # the tests
+    python spriteflow.py train --data data/images      # 30 minutes by default
+    python spriteflow.py sample                        # newest run, 16 sprites
+    python -m pytest -q                                # the tests
 
-On a GPU the same command picks CUDA, bf16 autocast and a wider working
-resolution by itself; several GPUs (or CPU processes) use torchrun:
-
-    python spriteflow.py train --data data/images --compile
-    torchrun --nproc_per_node 4 spriteflow.py train --data data/images
+The numbers behind every default are in data/figures/README.md (the lab record).
 """
 
 import argparse
 import copy
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -40,6 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+try:
+    import fcntl  # one writer per run folder (POSIX); elsewhere the lock is skipped
+except ImportError:
+    fcntl = None
+
 
 class UserError(Exception):
     """Bad input from the user: printed as one sentence, never as a traceback."""
@@ -48,31 +49,47 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # 1. Data
 #
-# A sprite is a 128x128 RGBA image. We store the whole set once, decoded, as a
-# uint8 tensor of shape (N, 4, 128, 128): 2,000 sprites take 130 MB, which
-# fits on any device, so a training step is one random index into memory
-# instead of a PNG decode (the original project decoded every file again at
-# every step). Converting to floats happens per batch:
+# A sprite is a 128x128 RGBA image. The whole set is decoded once and kept as
+# a uint8 tensor of shape (N, 4, 128, 128): 2,000 sprites take 130 MB, so a
+# training step is a random index into memory, not a PNG decode. Per batch,
 #
 #     x = byte / 127.5 - 1        so every channel, alpha too, lies in [-1, 1].
 #
-# Pixel art must stay on its pixel grid, so resizing is nearest-neighbour only:
-# bilinear filtering would invent in-between colours and soft edges that no
-# sprite has. Non-square images are padded to a square with transparent pixels
-# (centred) before resizing, so characters are never stretched. Wherever alpha
-# is 0 we set RGB to 0: an invisible pixel's colour is arbitrary (editors leave
-# junk there) and the model should not spend capacity learning that junk.
+# Pixel art must stay on its pixel grid, so resizing is nearest-neighbour only
+# (bilinear filtering invents colours no sprite has), and non-square images
+# are padded with transparent pixels, never stretched. Where alpha is 0 the
+# RGB is set to 0: an invisible pixel's colour is junk the model should not
+# learn. Images in subfolders are labelled by the top-level subfolder's name
+# (torchvision's ImageFolder convention); a flat folder has no classes.
+#
+# Pixel art is also drawn on a coarse grid: the built-in sprites are 32x32
+# art shown at 4x, so every 4x4 block is one colour. detect_grid finds that
+# block size k in the data, and snap_to_grid forces samples onto it (sec. 5).
 # -----------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = {".png", ".gif", ".webp", ".bmp"}
 
 
+def to_8_bit(img):
+    """16-bit and float greyscale ('I;16', 'I', 'F') -> 'L' by scaling; Pillow's convert() would clip."""
+    if img.mode.startswith("I"):
+        return Image.fromarray((np.asarray(img, np.float64) / 257).clip(0, 255).round().astype(np.uint8), "L")
+    if img.mode == "F":
+        a = np.asarray(img, np.float64)
+        return Image.fromarray((a * (255 if a.max() <= 1 else 1)).clip(0, 255).round().astype(np.uint8), "L")
+    return img
+
+
 def load_rgba(path, size=128):
     """Decode one image file into a (size, size, 4) uint8 array (see above)."""
-    with Image.open(path) as img:
-        img.seek(0)  # first frame of an animated GIF/WebP
-        # convert() honours a palette's or a grey/RGB image's transparency key.
-        img = img.convert("RGBA")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(path) as img:
+            img.seek(0)  # first frame of an animated GIF/WebP
+            # convert() honours a palette's or a grey/RGB image's transparency key.
+            img = to_8_bit(img).convert("RGBA")
+    for w in caught:  # e.g. Pillow's decompression-bomb warning, which does not name the file
+        warnings.warn(f"{path}: {w.message}")
     w, h = img.size
     if w != h:
         side = max(w, h)
@@ -86,44 +103,90 @@ def load_rgba(path, size=128):
     return arr
 
 
-def load_folder(folder, size=128):
-    """Every readable image under `folder` (recursively) -> ((N, 4, size, size) uint8, names).
+def list_images(folder):
+    """Image files under `folder` (recursively, hidden ones left out); other files are
+    reported once per suffix, with a count and an example."""
+    paths, skipped = [], {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            (paths if p.suffix.lower() in IMAGE_SUFFIXES else skipped.setdefault(p.suffix.lower() or "(no suffix)", [])).append(p)
+    for suffix, files in skipped.items():
+        hint = "; JPEG blurs pixel art, export PNG instead" if suffix in (".jpg", ".jpeg") else ""
+        warnings.warn(f"skipped {len(files)} {suffix} file(s) such as {files[0]}: only PNG, GIF, WebP and BMP are read{hint}")
+    return paths
 
-    An unreadable file among good ones is skipped with one warning naming it.
+
+def load_folder(folder, size=128, labels=True):
+    """Every readable image under `folder` -> (uint8 (N, 4, size, size), names, classes, y).
+
+    names are paths relative to the folder. With labels and every image inside a
+    subfolder (at least two of them), classes lists the subfolder names and y (N,)
+    holds each image's class index; otherwise classes is [] and y is None.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"data folder '{folder}' does not exist or is not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = list_images(folder)
     if not paths:
         raise UserError(f"data folder '{folder}' contains no PNG, GIF, WebP or BMP images")
     arrays, names = [], []
     for p in paths:
         try:
             arrays.append(load_rgba(p, size))
-            names.append(str(p.relative_to(folder)))
+            names.append(p.relative_to(folder).as_posix())
         except Exception as e:  # PIL raises many types for broken files
             warnings.warn(f"skipping unreadable image {p}: {e}")
     if not arrays:
         raise UserError(f"none of the {len(paths)} images in '{folder}' could be read")
+    empty = [n for n, a in zip(names, arrays) if (a[..., 3] > 0).mean() < 0.01]
+    if empty:
+        warnings.warn(f"{len(empty)} image(s) such as {folder / empty[0]} are nearly empty (under 1% opaque) "
+                      f"after loading; a very wide or tall image shrinks to a sliver when padded to a square")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 4, size, size)
-    return x, names
+    tops = [n.split("/")[0] if "/" in n else None for n in names]
+    classes = sorted(set(tops) - {None})
+    if not labels or len(classes) < 2:
+        return x, names, [], None
+    if None in tops:
+        warnings.warn(f"{tops.count(None)} images sit directly in '{folder}', outside the class folders; "
+                      f"training without classes (move them into a class folder to use classes)")
+        return x, names, [], None
+    return x, names, classes, torch.tensor([classes.index(c) for c in tops])
 
 
 def split_train_val(names, val_fraction):
     """Deterministic split: a file is held out when the hash of its name, read as a
-    number in [0, 1), falls below val_fraction.
-
-    Unlike a seeded shuffle, this keeps every sprite on its side of the split
-    when files are added to the folder later. Tiny folders still get one
-    validation sprite (the one with the smallest hash).
-    """
+    number in [0, 1), falls below val_fraction. Unlike a seeded shuffle, this keeps
+    every sprite on its side of the split when files are added later. Tiny folders
+    still get one validation sprite (the one with the smallest hash)."""
     u = [zlib.crc32(name.encode()) / 2**32 for name in names]
     val = [i for i in range(len(names)) if u[i] < val_fraction]
     if not val and len(names) > 1 and val_fraction > 0:
         val = [min(range(len(names)), key=u.__getitem__)]
     train = sorted(set(range(len(names))) - set(val))
     return torch.tensor(train or val, dtype=torch.long), torch.tensor(val or train, dtype=torch.long)
+
+
+def detect_grid(x_uint8, share=0.99):
+    """The largest k in 8, 4, 2 such that `share` of the images (N, 4, H, W) are made
+    of k x k blocks of one colour (alpha included); 1 if none is."""
+    for k in (8, 4, 2):
+        corner = x_uint8[:, :, ::k, ::k].repeat_interleave(k, 2).repeat_interleave(k, 3)
+        if (x_uint8 == corner).flatten(1).all(1).float().mean() >= share:
+            return k
+    return 1
+
+
+def snap_to_grid(x, k):
+    """float (B, 4, H, W) -> the same, constant on every k x k block. Alpha is decided
+    per block (opaque when its mean alpha >= 0); the colour is the mean over the
+    block's opaque pixels, the least-squares choice for small symmetric jitter."""
+    if k == 1:
+        return x
+    opaque = (x[:, 3:] >= 0).float()  # (B, 1, H, W)
+    rgb = F.avg_pool2d(x[:, :3] * opaque, k) / F.avg_pool2d(opaque, k).clamp(min=1e-6)
+    alpha = torch.where(F.avg_pool2d(x[:, 3:], k) >= 0, 1.0, -1.0)
+    return F.interpolate(torch.cat([rgb, alpha], 1), scale_factor=k, mode="nearest")
 
 
 def to_float(x_uint8):
@@ -133,10 +196,8 @@ def to_float(x_uint8):
 
 def to_uint8(x, binary_alpha=True):
     """float (B, 4, H, W) in about [-1, 1] -> uint8 (B, H, W, 4), ready for PNG.
-
     Pixel art has binary alpha, so by default alpha is snapped to 0 or 255 and
-    transparent pixels get RGB 0, the same convention the loader enforces.
-    """
+    transparent pixels get RGB 0, the convention the loader enforces."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     x = x.permute(0, 2, 3, 1).cpu().contiguous()  # (B, H, W, 4)
     if binary_alpha:
@@ -161,8 +222,8 @@ def to_uint8(x, binary_alpha=True):
 #     cosine:  alpha = sin(pi t/2),  beta = cos(pi t/2)      (alpha^2 + beta^2 = 1)
 #
 # The original project's cosine schedule missed these boundary values, so its
-# path did not start at pure noise or end at pure data; here a property test
-# checks the four boundary values and the derivatives against autograd.
+# path did not start at pure noise or end at pure data; a property test pins
+# the four boundary values and the derivatives against autograd.
 # -----------------------------------------------------------------------------
 
 SCHEDULES = ("linear", "cosine")
@@ -191,13 +252,13 @@ def schedule(name, t):
 #     p_t(x | z) = N(x; alpha_t z, beta_t^2 I)
 #
 # so x_0 = eps is pure noise and x_1 = z is the sprite. Differentiating x_t in
-# t for fixed (z, eps) gives the conditional vector field that moves along it:
+# t for fixed (z, eps) gives the conditional vector field that moves along it,
 #
 #     u_t(x | z) = d_alpha z + d_beta eps = d_alpha z + (d_beta / beta)(x - alpha z)
 #
-# and the conditional score is the gradient of the Gaussian's log-density:
+# and the conditional score is the gradient of the Gaussian's log-density,
 #
-#     grad log p_t(x | z) = -(x - alpha z) / beta^2
+#     grad log p_t(x | z) = -(x - alpha z) / beta^2.
 #
 # Flow matching trains a network u_theta(x, t) to regress u_t(x_t | z) over
 # random (z, t, eps). The minimiser is the marginal vector field u_t(x) =
@@ -210,10 +271,9 @@ def schedule(name, t):
 #     score = (alpha u - d_alpha x) / (beta (beta d_alpha - alpha d_beta))
 #
 # The same identity holds for the marginals (both sides are conditional
-# expectations given x), so a trained vector field gives us the score the SDE
-# sampler needs, for free. The denominator vanishes as beta -> 0 (t -> 1):
-# the data distribution's score is undefined there, which the SDE handles by
-# scaling its noise with beta (section 5).
+# expectations given x), so a trained vector field gives the SDE sampler its
+# score for free. The denominator vanishes as beta -> 0 (t -> 1), where the
+# data's score is undefined; the SDE scales its noise with beta (section 5).
 # -----------------------------------------------------------------------------
 
 
@@ -249,36 +309,30 @@ def score_from_vector_field(u, x, t, sched):
 # What the network predicts. The obvious target is the velocity u itself. But
 # the U-Net works on pixel-unshuffled patches (section 4): at 1/4 resolution
 # each position holds a 4x4x4 = 64-number patch. A sprite's patch is nearly
-# constant (it lies on a low-dimensional set), while the noise part of the
-# velocity, d_beta eps, is a full 64-dimensional Gaussian that the network
-# must reproduce exactly; its failures show up as colour speckle. Predicting
-# the clean sprite instead ("data" or x-prediction) asks only for the
-# low-dimensional part, and we turn it back into a velocity by putting
-# eps = (x - alpha z_hat) / beta into u_t(x | z):
+# constant, while the noise part of the velocity, d_beta eps, is a full
+# 64-dimensional Gaussian the network must reproduce exactly; its failures
+# show up as colour speckle. Predicting the clean sprite instead ("data" or
+# x-prediction) asks only for the low-dimensional part, and we turn it back
+# into a velocity by putting eps = (x - alpha z_hat) / beta into u_t(x | z):
 #
-#     u = d_alpha z_hat + d_beta (x - alpha z_hat) / max(beta, BETA_MIN)
+#     u = a z_hat + b x,   a = d_alpha - d_beta alpha / beta,   b = d_beta / beta
 #
-# The clamp keeps t -> 1 finite. The loss is always measured on velocities,
-# so both targets optimise the same flow-matching objective (for x-prediction
-# it is an x-loss weighted by (d_alpha - d_beta alpha / beta)^2).
+# with beta clamped at BETA_MIN so t -> 1 stays finite. The loss is always
+# measured on velocities, so both targets optimise the same objective.
 
 TARGETS = ("velocity", "data")
 BETA_MIN = 0.05
 
 # Where along the path is a sprite decided? On the linear path the noise-to-
-# signal ratio is beta/alpha = (1-t)/t. But our sprites are 32-px art drawn at
-# 4x: each 4x4 block is one colour, and a block averages 16 independent noise
-# draws, so at block scale the ratio is only (1-t)/(4t). Silhouette and
-# colours are settled at small t, where uniform t spends few training samples.
-# The time shift
+# signal ratio is beta/alpha = (1-t)/t. But a 4x4 block of one colour averages
+# 16 independent noise draws, so at block scale the ratio is only (1-t)/(4t):
+# silhouette and colours are settled at small t. The time shift
 #
 #     t -> t / (t + s (1 - t))        (0 -> 0, 1 -> 1, monotone)
 #
-# multiplies the ratio (1-t)/t by s, so s = 4 (the block side) shows the
-# network the block-level noise levels a native 32-px sprite would see at t.
-# We warp the training times with it: the path and its ODE are unchanged,
-# only where training effort is spent moves. (The sampler's grid can be warped
-# the same way, but measured, a uniform grid samples better; section 5.)
+# multiplies the ratio (1-t)/t by s; s = 4 shows the network the block-level
+# noise levels a native 32-px sprite would see. We warp the training times with
+# it: the path and its ODE are unchanged, only where training effort goes moves.
 
 
 def shift_time(t, s):
@@ -287,15 +341,14 @@ def shift_time(t, s):
 
 
 def data_coefficients(t, sched, like):
-    """(a, b) with u = a z_hat + b x: the velocity is affine in the predicted sprite,
-    a = d_alpha - d_beta alpha / beta and b = d_beta / beta, beta clamped at BETA_MIN."""
+    """(a, b) with u = a z_hat + b x (see above), beta clamped at BETA_MIN."""
     alpha, beta, d_alpha, d_beta = schedule(sched, expand(t, like))
     beta = beta.clamp(min=BETA_MIN)
     return d_alpha - d_beta * alpha / beta, d_beta / beta
 
 
 def velocity_from_data(z_hat, x, t, sched):
-    """Turn a predicted clean sprite into a velocity (see above)."""
+    """Turn a predicted clean sprite into a velocity: u = a z_hat + b x."""
     a, b = data_coefficients(t, sched, x)
     return a * z_hat + b * x
 
@@ -306,41 +359,30 @@ def data_from_velocity(u, x, t, sched):
     return (u - b * x) / a
 
 
-def velocity_from_output(out, x, t, target, sched):
-    """The network's raw output -> the vector field u_theta(x, t)."""
-    return out if target == "velocity" else velocity_from_data(out, x, t, sched)
-
-
 # -----------------------------------------------------------------------------
-# 4. Time-conditioned U-Net
+# 4. Time- and class-conditioned U-Net
 #
-# u_theta(x, t): an image-to-image network told the time t.
+# u_theta(x, t, c): an image-to-image network told the time t and, optionally,
+# the class c of the sprite to draw.
 #
-# * Time embedding: t is turned into sinusoids sin(1000 t w_k), cos(1000 t w_k)
-#   with geometrically spaced frequencies w_k, then an MLP; every residual
-#   block turns it into a per-channel scale and shift of its features.
-# * Residual blocks normalise with GroupNorm. BatchNorm (the original's choice)
-#   normalises with statistics of the whole batch, so one sprite's output
-#   would depend on which other sprites share its batch, and training (batch
-#   statistics) would differ from sampling (running averages) across the very
-#   different noise levels t. GroupNorm looks at one sample only.
-#   How many groups matters at these small widths. The customary 32 groups
-#   on a 32-channel level is one channel per group: every feature map is
-#   reset to mean 0 and variance 1 over the image, which throws away how
-#   much of that feature the sprite has overall (how much red, how much
-#   outline). 8 groups (4 channels each at 32 wide) keeps the ratios between
-#   the channels of a group; at step 500 it halved the validation loss
-#   (README, "Normalisation groups").
-# * Skip connections carry fine detail from each down level to its up level.
-# * Self-attention runs where the feature map is smallest (8x8 by default),
-#   where it is cheap and lets the whole character coordinate, e.g. both arms.
-# * The output layer starts at zero, so the untrained network predicts u = 0
-#   (or z_hat = 0) and early training is stable.
+# * Time embedding: sinusoids sin(1000 t w_k), cos(1000 t w_k) with geometric
+#   frequencies w_k, then an MLP. A class adds a learned vector to it; class
+#   index n_classes means "no class", so one network is both the conditional
+#   and the unconditional model (classifier-free guidance, section 5). Every
+#   residual block turns the embedding into a per-channel scale and shift.
+# * GroupNorm, not BatchNorm (the original's choice): BatchNorm mixes the
+#   statistics of a batch, so one sprite's output would depend on the others
+#   and training would differ from sampling. 8 groups rather than the usual 32:
+#   at 32 channels, 32 groups resets every feature map to mean 0, variance 1,
+#   losing how much of a feature (a colour, an outline) the sprite holds.
+# * Skip connections carry fine detail from each down level to its up level;
+#   self-attention runs at the smallest feature map (8x8), where it is cheap
+#   and lets the whole character coordinate (both arms, both eyes).
+# * The output layer starts at zero, so early training is stable.
 # * Pixel-unshuffle stem: a 128x128x4 image is rearranged losslessly into a
 #   32x32x64 tensor (factor 4) before the first convolution, and pixel-shuffle
-#   undoes it at the end. Convolutions then touch 16x fewer positions, which
-#   is what makes CPU training practical. Pixel art drawn on a coarse grid
-#   loses nothing: a 4x4 block of one colour becomes one position.
+#   undoes it at the end. Convolutions touch 16x fewer positions, which makes
+#   CPU training practical; a 4x4 block of one colour becomes one position.
 # -----------------------------------------------------------------------------
 
 
@@ -350,9 +392,8 @@ def group_norm(channels, groups):
 
 
 class TimeEmbedding(nn.Module):
-    """t (B,) -> (B, 4 dim). t is scaled by 1000 first so that the slowest of the
-    geometric frequencies w_k = 10000^(-k/half) still turns through a useful
-    angle as t goes from 0 to 1, and the fastest separates nearby times."""
+    """t (B,) -> (B, 4 dim). t is scaled by 1000 so that the slowest frequency
+    10000^(-k/half) still turns through a useful angle as t goes from 0 to 1."""
 
     def __init__(self, dim):
         super().__init__()
@@ -367,9 +408,8 @@ class TimeEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """x + F(x, t). Time enters as a per-channel scale and shift of the normalised
-    features (h -> h (1 + scale_t) + shift_t), so each noise level can re-weight
-    every feature map rather than just add a constant to it."""
+    """x + F(x, emb). The embedding enters as a per-channel scale and shift of the
+    normalised features, h -> h (1 + scale) + shift."""
 
     def __init__(self, c_in, c_out, t_dim, groups):
         super().__init__()
@@ -382,17 +422,15 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
         nn.init.zeros_(self.conv2.bias)
 
-    def forward(self, x, t_emb):
+    def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.time(F.silu(t_emb))[:, :, None, None].chunk(2, dim=1)
+        scale, shift = self.time(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         return self.skip(x) + self.conv2(F.silu(h))
 
 
 class SelfAttention(nn.Module):
-    """Every position attends to every other: softmax(Q K^T / sqrt(d)) V per head,
-    with queries, keys and values from 1x1 convolutions. Cost grows with the
-    square of the number of positions, hence only at the lowest resolution."""
+    """softmax(Q K^T / sqrt(d)) V per head over all positions, Q, K, V from 1x1 convs."""
 
     def __init__(self, channels, groups, heads=4):
         super().__init__()
@@ -411,7 +449,7 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """u_theta(x, t) for x of shape (B, 4, 128, 128) and t of shape (B,).
+    """The network for x (B, 4, 128, 128), t (B,) and class labels c (B,) or None.
 
     With the CPU defaults (widths 32, 64, 128; 2 blocks; unshuffle 4):
 
@@ -425,16 +463,18 @@ class UNet(nn.Module):
               32x32: 3 ResBlocks with skips
         head (B, 32, 32, 32) --conv--> (B, 64, 32, 32) --shuffle--> (B, 4, 128, 128)
 
-    `target` and `schedule` say what the raw output means (section 3), so a
-    loaded checkpoint knows how to turn its output into a velocity.
+    `target` and `schedule` say what the raw output means (section 3).
     """
 
-    def __init__(self, channels=(64, 128, 256), blocks=2, unshuffle=4, target="data", schedule="linear", groups=8):
+    def __init__(self, channels=(32, 64, 128), blocks=2, unshuffle=4, target="data", schedule="linear", groups=8, n_classes=0):
         super().__init__()
-        self.target, self.schedule = target, schedule
+        self.target, self.schedule, self.n_classes = target, schedule, n_classes
         c0, t_dim = channels[0], 4 * channels[0]
         patch = 4 * unshuffle * unshuffle  # channels after pixel-unshuffle
         self.time_embedding = TimeEmbedding(c0)
+        if n_classes:
+            self.class_embedding = nn.Embedding(n_classes + 1, t_dim)  # row n_classes: "no class"
+            nn.init.zeros_(self.class_embedding.weight)
         self.stem = nn.Sequential(nn.PixelUnshuffle(unshuffle), nn.Conv2d(patch, c0, 3, padding=1))
         self.down, skip_channels, ch = nn.ModuleList(), [c0], c0
         for level, c in enumerate(channels):
@@ -457,37 +497,41 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[2].weight)
         nn.init.zeros_(self.head[2].bias)
 
-    def forward(self, x, t):
-        t_emb = self.time_embedding(t)
-        # `skips` collects the stem's output and every down layer's output; the
-        # up path consumes them in reverse, so each level meets its own resolution.
+    def forward(self, x, t, c=None):
+        emb = self.time_embedding(t)
+        if self.n_classes:
+            emb = emb + self.class_embedding(torch.full_like(t, self.n_classes, dtype=torch.long) if c is None else c)
+        # `skips` collects the stem's and every down layer's output; the up path
+        # consumes them in reverse, so each level meets its own resolution.
         h = self.stem(x)
         skips = [h]
         for layer in self.down:
-            h = layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
         for layer in self.mid:
-            h = layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         for layer in self.up:
-            h = layer(torch.cat([h, skips.pop()], dim=1), t_emb) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
         return self.head(h)  # (B, 4, 128, 128)
 
-    def velocity(self, x, t):
-        return velocity_from_output(self(x, t), x, t, self.target, self.schedule)
+    def velocity(self, x, t, c=None):
+        """u_theta(x, t, c), whatever the network's raw output means."""
+        out = self(x, t, c)
+        return out if self.target == "velocity" else velocity_from_data(out, x, t, self.schedule)
 
-    def clean(self, x, t):
-        """z_hat(x, t): the sprite the flow is heading for, as the network sees it at t."""
-        out = self(x, t)
+    def clean(self, x, t, c=None):
+        """z_hat(x, t, c): the sprite the flow is heading for, as the network sees it at t."""
+        out = self(x, t, c)
         return out if self.target == "data" else data_from_velocity(out, x, t, self.schedule)
 
 
 # -----------------------------------------------------------------------------
-# 5. Samplers
+# 5. Samplers and guidance
 #
 # Sampling integrates from noise X_0 ~ N(0, I) at t=0 to a sprite at t=1 on
-# the grid t_i = shift_time(i/N, s) (section 3), step h_i = t_{i+1} - t_i.
-# The default grid is uniform (s = 1), whatever shift the model trained with:
-# see the measurements below the equations.
+# the grid t_i = shift_time(i/N, s), step h_i = t_{i+1} - t_i (uniform, s = 1,
+# by default: a grid warped like the training times takes big steps near t=1
+# and leaves colour regions grainy).
 #
 # Euler ODE (first order, global error O(h)):
 #     X_{i+1} = X_i + h_i u(X_i, t_i)
@@ -499,19 +543,33 @@ class UNet(nn.Module):
 #     dX = [u_t(X) + 1/2 sigma_t^2 score_t(X)] dt + sigma_t dW
 #     X_{i+1} = X_i + h_i [u + 1/2 sigma_t^2 score] + sigma_t sqrt(h_i) xi,  xi ~ N(0, I)
 # The step ADDS the drift and draws Gaussian noise, once per step (the
-# original multiplied and drew uniform noise). We use sigma_t = sigma beta_t:
-# the score behaves like 1/beta near t=1, so sigma_t^2 score -> 0 and the last
-# steps stay finite, and no noise is injected at the data end.
+# original multiplied and drew uniform noise). sigma_t = sigma beta_t: the
+# score grows like 1/beta near t=1, so sigma_t^2 score -> 0 and the last steps
+# stay finite. Heun with 20 steps is the default: halving h cuts its error
+# about 4x, and it beat Euler with 100 steps (lab record, "Sampling").
+#
+# Guidance. A model trained with labels knows two fields: u(x, t, c) for class
+# c and u(x, t, -) with no class, the average over classes. Classifier-free
+# guidance extrapolates from the second towards the first:
+#
+#     u_w = u(x, t, -) + w (u(x, t, c) - u(x, t, -))
+#
+# w = 1 is the plain conditional flow (and costs one call); w > 1 pushes each
+# sprite further towards what sets its class apart, trading variety for clean,
+# typical sprites. Autoguidance (Karras et al. 2024) needs no labels: the weaker
+# field comes from a small guide network trained briefly beside the main one.
+# Its errors are the main network's errors, only larger, so extrapolating away
+# from it removes some of them:  u_w = u_guide + w (u_main - u_guide).
+#
+# Guiding the clean-sprite guess z_hat is the same as guiding u: u = a z_hat
+# + b x is affine in z_hat with coefficients that do not depend on the network,
+# so (1 - w) u_0 + w u_1 = a ((1 - w) z_0 + w z_1) + b x. We guide z_hat because
+# there the result can be clamped to [-1, 1], the range of every sprite:
+# clamping moves each coordinate towards any valid z, so it only removes error.
 # -----------------------------------------------------------------------------
 
-# Which sampler, steps and grid? Measured against a 500-step Heun solution
-# from the same noise (README, "Sampling"): halving h cuts Heun's error about
-# 4x once h is small, and Heun-20 (40 network calls) beat Euler-100. A grid
-# warped by the training shift looks natural but samples worse: it takes big
-# steps near t=1, where x-prediction's velocity (z_hat - x)/(1-t) changes
-# fastest and colour regions are made flat. Default: Heun, 20 uniform steps.
-
 SAMPLERS = ("euler", "heun", "sde")
+GUIDE_INTERVAL = (0.0, 1.0)  # guidance acts for t in this interval
 
 
 def time_grid(steps, shift=1.0):
@@ -536,9 +594,10 @@ def sample_euler(velocity, x, steps, frames=None, shift=1.0):
 
 
 @torch.no_grad()
-def sample_heun(velocity, x, steps, frames=None, shift=1.0):
-    """Heun's method: an Euler predictor, then the average of the slopes at both ends."""
-    ts = time_grid(steps, shift)
+def sample_heun(velocity, x, steps, frames=None, shift=1.0, ts=None):
+    """Heun's method: an Euler predictor, then the average of the slopes at both ends.
+    `ts` overrides the grid; a decreasing grid integrates backwards (section 8)."""
+    ts = time_grid(steps, shift) if ts is None else ts
     for t, t_next in zip(ts[:-1], ts[1:]):
         h = t_next - t
         u = velocity(x, at(x, t))
@@ -552,10 +611,8 @@ def sample_heun(velocity, x, steps, frames=None, shift=1.0):
 @torch.no_grad()
 def sample_sde(velocity, x, steps, sched, sigma=1.0, score=None, generator=None, frames=None, shift=1.0):
     """Euler-Maruyama; `score` defaults to the one implied by `velocity` (section 3).
-
-    A larger sigma injects more noise and pulls harder towards high density
-    (the Langevin term); any sigma leaves the marginals p_t unchanged in exact
-    arithmetic, so it only trades discretisation error against correction."""
+    A larger sigma injects more noise and pulls harder towards high density; any
+    sigma leaves the marginals p_t unchanged in exact arithmetic."""
     ts = time_grid(steps, shift)
     for t_now, t_next in zip(ts[:-1], ts[1:]):
         h, t = t_next - t_now, at(x, t_now)
@@ -569,29 +626,50 @@ def sample_sde(velocity, x, steps, sched, sigma=1.0, score=None, generator=None,
     return x
 
 
-def autocast(device, cpu_bf16=False):
-    """bf16 autocast on CUDA (and on CPU when asked); otherwise a no-op context."""
-    on = device.type == "cuda" or (cpu_bf16 and device.type == "cpu")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+def autocast(device, bf16):
+    """bf16 autocast when asked for (section 7 decides where it pays); else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16) and device.type in ("cuda", "cpu"))
+
+
+def guided_clean(model, c=None, w=1.0, guide=None, interval=GUIDE_INTERVAL, bf16=False):
+    """z_w(x, t): the clean-sprite guess for labels c (B,) or None, guided as above by
+    classifier-free guidance (a model with classes) or by the guide network."""
+    weak = (model.n_classes > 0 and c is not None) or guide is not None
+
+    def clean(x, t):
+        with autocast(x.device, bf16):
+            if w == 1 or not weak or not interval[0] <= t[0].item() <= interval[1]:
+                return model.clean(x, t, c).float()
+            if guide is None:  # one batched call: conditional and unconditional halves
+                none = torch.full_like(c, model.n_classes)
+                z_main, z_weak = model.clean(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, none])).float().chunk(2)
+            else:
+                z_main, z_weak = model.clean(x, t, c).float(), guide.clean(x, t).float()
+        return (z_weak + w * (z_main - z_weak)).clamp(-1, 1)
+
+    return clean
+
+
+def velocity_of(clean, sched):
+    """The velocity field u = a z_hat + b x of a clean-sprite guess (section 3)."""
+    return lambda x, t: velocity_from_data(clean(x, t), x, t, sched)
 
 
 @torch.no_grad()
-def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_size=64, sigma=1.0, frames=None, grid_shift=1.0):
-    """n sprites as a uint8 (n, 128, 128, 4) tensor. Noise comes from a CPU generator
-    seeded with `seed`, so the same seed gives the same sprites on any device."""
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler '{sampler}'; choose from {', '.join(SAMPLERS)}")
+def generate(model, n, steps=20, sampler="heun", seed=0, device="cpu", labels=None, guidance=1.0, guide=None,
+             grid=1, bf16=False, batch_size=64, sigma=1.0, frames=None, grid_shift=1.0, noise=None):
+    """n sprites as uint8 (n, 128, 128, 4), snapped to a k = grid pixel grid. Noise
+    comes from a CPU generator seeded with `seed` (or is given as `noise`), so the
+    same seed gives the same sprites on any device."""
     device, gen = torch.device(device), torch.Generator().manual_seed(seed)
     model.eval()
-
-    def velocity(x, t):
-        with autocast(device):
-            return model.velocity(x, t).float()
-
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        x = torch.randn(b, 4, 128, 128, generator=gen).to(device)  # (b, 4, 128, 128), t=0
+        x = torch.randn(b, 4, 128, 128, generator=gen) if noise is None else noise[start:start + b]  # (b, 4, 128, 128), t=0
+        x = x.to(device)
+        c = None if labels is None else labels[start:start + b].to(device)
+        velocity = velocity_of(guided_clean(model, c, guidance, guide, bf16=bf16), model.schedule)
         keep = frames if start == 0 else None  # frames[i]: the first batch after i steps
         if keep is not None:
             keep.append(x)
@@ -600,100 +678,130 @@ def generate(model, n, steps=30, sampler="heun", seed=0, device="cpu", batch_siz
             x = sample_sde(velocity, x, steps, model.schedule, sigma, generator=noise_gen, frames=keep, shift=grid_shift)
         else:
             x = {"euler": sample_euler, "heun": sample_heun}[sampler](velocity, x, steps, keep, grid_shift)
-        out.append(to_uint8(x))
+        out.append(to_uint8(snap_to_grid(x, grid)))
     return torch.cat(out)
+
+
+def class_plan(n, classes, counts, wanted=None):
+    """Labels (n,) for n samples, sorted by class: spread over `wanted` class names
+    evenly, or over all classes in proportion to their training counts."""
+    if wanted:
+        unknown = [w for w in wanted if w not in classes]
+        if unknown:
+            raise UserError(f"unknown class '{unknown[0]}'; this checkpoint knows {', '.join(classes)}")
+        counts = [1 if c in wanted else 0 for c in classes]
+    share = [n * k / sum(counts) for k in counts]
+    alloc = [int(s) for s in share]
+    for i in sorted(range(len(share)), key=lambda i: alloc[i] - share[i])[: n - sum(alloc)]:
+        alloc[i] += 1  # largest remainders first
+    return torch.tensor([i for i, k in enumerate(alloc) for _ in range(k)], dtype=torch.long)
 
 
 # -----------------------------------------------------------------------------
 # 6. Training helpers: EMA, learning-rate schedule
 #
-# EMA: sampling uses an exponential moving average of the weights,
-#     theta_ema <- d theta_ema + (1 - d) theta,
-# which averages out the noise of the last steps of SGD. A fixed d = 0.999
-# remembers ~1000 steps, so early on it would be dominated by the random
-# initialisation; the warm-up d_k = min(d, (1 + k) / (10 + k)) lets the
-# average track the model closely at first and slow down as training goes.
+# EMA. Sampling uses an average of the weights over the late part of training,
+# which cancels much of SGD's step-to-step noise. A classic EMA with a fixed
+# decay d = 0.999 averages over the last ~1/(1-d) = 1,000 steps whatever the
+# run's length: in a 2,000-step run that is half the run, young weights
+# included; in a 100,000-step run it is a sliver. The power-function EMA of
+# EDM2 (Karras et al. 2024) averages with weights proportional to tau^gamma
+# over every step tau so far, which it does with the per-step decay
 #
-# The average's memory is about 1 / (1 - d) steps: its half-life at
-# d = 0.999 is ln 2 / 0.001 = 693 steps.
+#     theta_ema <- beta_t theta_ema + (1 - beta_t) theta,   beta_t = (1 - 1/t)^(gamma + 1)
 #
-# LR: linear warm-up from 0 for `warmup` steps (Adam's second-moment estimates
-# are poor at the start), then cosine decay to `min_lr_ratio` of the peak at
-# max_steps. The LR is a pure function of the step, so resuming a run only
-# needs the step count to restore the schedule exactly.
+# so its length is always the same share of the run. That share is sigma_rel,
+# the relative standard deviation of the weights tau^gamma on [0, t]:
+#
+#     sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3))
+#
+# sigma_rel = 0.10 gives gamma = 6.94. We keep a few lengths in the checkpoint
+# (--ema-lengths) and `sample --ema` picks one; the first is the default.
+#
+# LR. A linear warm-up (Adam's moment estimates are poor at first), then a
+# cosine from the peak down to 10% of it as the run's progress p goes 0 -> 1.
+# p is the larger of step / max_steps and minutes / max_minutes, so a run given
+# a time budget anneals exactly when its time runs out, on any machine. The
+# training time so far is saved in the checkpoint, so a resumed run continues
+# the schedule where it left off.
 # -----------------------------------------------------------------------------
 
 
-def ema_decay(step, max_decay):
-    """0.1 at step 0, 0.5 at step 8, 0.9 at step 80, then capped at max_decay."""
-    return min(max_decay, (1 + step) / (10 + step))
+def ema_gamma(sigma_rel):
+    """The exponent gamma whose power-function EMA has relative length sigma_rel:
+    the real root of gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s) = 0, s = sigma_rel^-2."""
+    s = sigma_rel ** -2
+    return float(max(np.roots([1, 7, 16 - s, 12 - s]).real))
 
 
 @torch.no_grad()
-def ema_update(ema_model, model, step, max_decay):
-    d = ema_decay(step, max_decay)
-    ema_params, params = list(ema_model.parameters()), [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1 - d)
-    return d
+def ema_update(ema_models, model, step, gammas):
+    """One power-function EMA step for each (average, gamma); `step` counts from 1."""
+    params = [p.detach() for p in model.parameters()]
+    for ema, gamma in zip(ema_models, gammas):
+        torch._foreach_lerp_(list(ema.parameters()), params, 1 - (1 - 1 / step) ** (gamma + 1))
 
 
-def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
-    """The learning rate at `step`: linear warm-up, then cosine down to min_lr_ratio * base_lr."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_at(step, progress, base_lr, warmup, floor=0.1):
+    """Warm-up over `warmup` steps times a cosine from 1 to `floor` as progress goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / warmup)
+    return base_lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def run_progress(step, seconds, cfg):
+    """How much of its budget (steps, minutes or both) the run has used: 0 -> 1."""
+    by_steps = step / cfg.max_steps if cfg.max_steps else 0.0
+    by_time = seconds / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
+    return min(1.0, max(by_steps, by_time))
 
 
 # -----------------------------------------------------------------------------
 # 7. Trainer
 #
-# One training step, for a batch of sprites z:
-#     t   ~ p(t)            uniform or logit-normal, then shift_time (section 3)
+# One training step, for a batch of sprites z with classes c:
+#     t   ~ uniform, then shift_time (section 3)
 #     eps ~ N(0, I)
+#     c   -> "no class" with probability label_dropout (so guidance has u(x, t, -))
 #     x_t = alpha_t z + beta_t eps
-#     L   = || u_theta(x_t, t) - u_t(x_t | z) ||^2
-# Logit-normal puts more samples at middle times, where the prediction is
-# hardest (at t near 0 the answer is roughly the data mean, near 1 it can be
-# read off x_t); the per-t-bucket losses in the CSV show this.
+#     L   = || u_theta(x_t, t, c) - u_t(x_t | z) ||^2
 #
 # With x-prediction the velocity loss is an x-loss in disguise:
-#     || u(z_hat) - u(z) ||^2 = w(t) || z_hat - z ||^2,
-#     w(t) = (d_alpha - d_beta alpha / beta)^2   (= 1/(1-t)^2 on the linear path)
-# w is 1 at t=0, 100 at t=0.9 and 400 at the BETA_MIN clamp. Near t=1 the task
-# is nearly trivial (z is almost x), yet those few samples carry most of the
-# gradient, and Adam's per-parameter step sizes shrink to fit their spikes,
-# which slows learning everywhere else. Capping w at weight_cap lets the middle
-# of the path, where a sprite's colours are decided, learn much faster.
+#     || u(z_hat) - u(z) ||^2 = w(t) || z_hat - z ||^2,  w(t) = a(t)^2  (= 1/(1-t)^2, linear path)
+# w is 1 at t=0 and 400 at the BETA_MIN clamp: the nearly trivial end of the
+# path would dominate the gradient. Training caps w at weight_cap, so the
+# middle of the path, where colours are decided, learns much faster.
 #
-# The validation metric is the uncapped loss on the held-out sprites at FIXED
-# seeds for t (uniform, whatever the training p(t)) and eps, so it changes
-# only when the weights change and can be compared across steps and runs.
-# It is computed with the EMA weights, the ones that sample, and picks best.pt.
+# Validation: the uncapped loss of the default EMA on held-out sprites at FIXED
+# seeds for t and eps, so it changes only when the weights do; it picks best.pt.
 #
-# Checkpoints are written to a temporary file and renamed over the old one,
-# so a crash mid-write never leaves a half-written last.pt. They hold only
-# tensors, numbers and strings, so torch.load(..., weights_only=True) can read
-# them without running arbitrary pickled code.
+# Autoguidance's guide (section 5) trains in the same loop on the same batches
+# for the first guide_fraction of the budget: a half-width U-Net with its own
+# optimizer and EMA. Then it is frozen, and costs nothing more.
+#
+# bf16 runs convolutions at half the memory traffic. On a GPU it is always on.
+# CPUs with bf16 dot-product instructions (avx512_bf16, amx_bf16, ARM bf16) can
+# be faster in bf16 than in fp32; CPUs without them emulate it, ~50x slower. We
+# read the flags, then time a small training step each way, and print why.
+#
+# Nothing is lost, nothing is silent:
+# * A step whose loss or gradient is not finite is skipped (weights and EMA
+#   stay as they were) and counted; MAX_BAD_STEPS in a row means the run has
+#   diverged: it stops without saving, so the last good checkpoint survives.
+#   (The check reads the gradient norm on the host each step: one number.)
+# * Ctrl-C, SIGTERM and SIGHUP (schedulers, `timeout`, shutdowns) ask the loop
+#   to stop; it saves last.pt and exits cleanly. A second Ctrl-C stops at once.
+# * A lock file (flock, which the OS releases when a process dies, so a killed
+#   run leaves no stale lock) lets one process at a time write a run folder.
+# * Checkpoints go to a temporary file renamed over the old one, so a crash
+#   mid-write never leaves half a last.pt; they hold only tensors, numbers and
+#   strings, so torch.load(..., weights_only=True) reads them safely.
+# * A checkpoint remembers its data folder and a fingerprint of the file list;
+#   --resume refuses other data unless --allow-new-data says it is meant.
 # -----------------------------------------------------------------------------
 
-# Why these defaults (each measured on 2 CPU cores; README "Results" has the
-# runs, figures and numbers):
-# * pixel-unshuffle 4, widths 32-64-128: over 10x the images/s of the same
-#   widths at full resolution; wider or deeper nets were slower and no cleaner.
-# * target "data": the velocity-predicting net stayed speckled everywhere.
-# * uniform t, shifted by 4: a lower validation loss than logit-normal, and
-#   the shift spends training on the noisy times where colours are decided.
-# * weight_cap 3: the uncapped weight (up to 400) left samples rainbow
-#   speckle after 30 minutes although one denoising step on real sprites
-#   was nearly right; the middle of the path had not been learned.
-# * norm_groups 8 (see section 4), batch 32, AdamW at 1e-3 with 200 warm-up
-#   steps, EMA 0.999, gradient clip 1.0 (it acts only in warm-up and on spikes).
-# * fp32 on CPU: bf16 autocast made a step ~50x slower (no fast CPU bf16 convs).
-
+DEFAULT_MINUTES = 30.0
+MAX_BAD_STEPS = 5
 T_BUCKETS = 5
-
-
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -705,31 +813,37 @@ def option(default, help, choices=None):
 @dataclasses.dataclass
 class TrainConfig:
     # Where and how long.
-    data: str = option("data/images", "folder of sprites (searched recursively)")
+    data: str = option("", "folder of sprites, searched recursively; subfolders are classes (default: data/images, or the resumed run's folder)")
     run_dir: str = option("", "output folder (default: a new folder under runs/)")
     resume: bool = option(False, "continue the run in --run-dir from its last.pt")
-    max_steps: int = option(20000, "optimizer steps to train for (the LR schedule's length)")
-    max_minutes: float = option(0.0, "also stop (and save) after this many minutes; 0 = no limit")
+    allow_new_data: bool = option(False, "let --resume go on with a different data folder or file set")
+    max_minutes: float = option(0.0, f"time budget in minutes, counted across resumes; the LR anneals to it (with neither budget: {DEFAULT_MINUTES:g})")
+    max_steps: int = option(0, "budget in optimizer steps; 0 = none")
     # The optimisation recipe.
     batch_size: int = option(32, "sprites per step (per process under torchrun)")
     lr: float = option(1e-3, "peak AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup: int = option(200, "linear LR warm-up steps")
     grad_clip: float = option(1.0, "clip the gradient norm to this")
-    ema: float = option(0.999, "EMA decay (after its warm-up)")
+    ema_lengths: str = option("0.1,0.05,0.2", "power-EMA lengths sigma_rel kept in the checkpoint; the first is sampled by default")
     # The flow and the network.
     schedule: str = option("linear", "noise schedule (alpha_t, beta_t)", SCHEDULES)
     target: str = option("data", "what the network predicts: the clean sprite or the velocity", TARGETS)
     t_dist: str = option("uniform", "training time distribution", ("uniform", "logit-normal"))
-    t_mean: float = option(0.0, "logit-normal location m in t = sigmoid(m + s n); below 0 favours noisier t")
+    t_mean: float = option(0.0, "logit-normal location m in t = sigmoid(m + s n)")
     t_std: float = option(1.0, "logit-normal scale s")
     t_shift: float = option(4.0, "time shift s of the training t: t -> t / (t + s (1 - t)); above 1 favours noisier t")
-    weight_cap: float = option(3.0, "cap on the x-prediction loss weight w(t) = 1/(1-t)^2 (linear path); 0 = no cap")
+    weight_cap: float = option(3.0, "cap on the x-prediction loss weight w(t) = 1/(1-t)^2; 0 = no cap")
     channels: str = option("32,64,128", "U-Net widths per level, comma-separated")
     blocks: int = option(2, "residual blocks per level")
     norm_groups: int = option(8, "GroupNorm groups per normalisation layer (fewer if the width is not divisible)")
     unshuffle: int = option(0, "pixel-unshuffle factor; 0 = 4 on CPU, 2 on GPU", (0, 1, 2, 4))
     flip: bool = option(True, "random horizontal flips")
+    labels: bool = option(True, "classes from subfolders; --no-labels trains one unconditional model")
+    label_dropout: float = option(0.1, "share of steps trained without the class, for classifier-free guidance")
+    guide: str = option("auto", "train a small autoguidance network (auto: when there are no classes)", ("auto", "on", "off"))
+    guide_fraction: float = option(0.0625, "share of the budget the guide trains for")
+    grid: str = option("auto", "pixel-art block size of the data that samples snap to", ("auto", "1", "2", "4", "8"))
     # Bookkeeping.
     val_fraction: float = option(0.05, "share of sprites held out for validation")
     log_every: int = option(25, "steps between CSV rows")
@@ -738,10 +852,17 @@ class TrainConfig:
     sample_steps: int = option(20, "Heun steps for the sample grids")
     seed: int = option(0, "random seed (runs are reproducible)")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", DEVICES)
-    bf16: bool = option(False, "bf16 autocast on CPU too (always on for CUDA)")
+    bf16: bool = option(None, "bf16 autocast; default: on for CUDA, and on a CPU where a probe finds it faster")
     compile: bool = option(False, "torch.compile the model")
-    fid_every: int = option(0, "steps between FID/KID of EMA samples vs the validation sprites (needs the Inception weights); 0 = off")
-    fid_weights: str = option("", "Inception weights file for --fid-every (default: fid.py's cache)")
+
+
+POSITIVE = {"batch_size", "lr", "grad_clip", "t_std", "t_shift", "blocks", "norm_groups", "log_every", "val_every",
+            "sample_every", "sample_steps", "warmup", "guide_fraction"}
+
+
+def parse_numbers(text, kind=float):
+    """'32,64,128' -> (32, 64, 128)."""
+    return tuple(kind(c) for c in text.split(","))
 
 
 def check_config(cfg):
@@ -750,27 +871,22 @@ def check_config(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if f.metadata["choices"] and value not in f.metadata["choices"]:
             raise UserError(f"{flag} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
+        if f.type in (int, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
         if (f.type in (int, float) and value < 0 and f.name != "t_mean") or (value == 0 and f.name in POSITIVE):
             raise UserError(f"{flag} must be {'positive' if f.name in POSITIVE else 'zero or more'}, got {value}")
-    if cfg.ema >= 1 or cfg.val_fraction >= 1:
-        raise UserError("--ema and --val-fraction must be below 1")
+    if cfg.resume and not cfg.run_dir:
+        raise UserError("--resume needs --run-dir to say which run to continue")
+    if max(cfg.val_fraction, cfg.label_dropout) >= 1 or cfg.guide_fraction > 1:
+        raise UserError("--val-fraction and --label-dropout must be below 1, --guide-fraction at most 1")
     try:
-        widths = parse_channels(cfg.channels)
+        widths, lengths = parse_numbers(cfg.channels, int), parse_numbers(cfg.ema_lengths)
     except ValueError:
-        raise UserError(f"--channels must be comma-separated positive integers, got {cfg.channels!r}")
-    if any(c % 8 for c in widths) or len(widths) > 4:
-        raise UserError("--channels needs at most 4 widths, each a multiple of 8")
-
-
-POSITIVE = {"max_steps", "batch_size", "lr", "grad_clip", "t_std", "t_shift", "blocks", "norm_groups", "log_every", "val_every", "sample_every", "sample_steps"}
-
-
-def parse_channels(text):
-    """'32,64,128' -> (32, 64, 128), the U-Net width at each resolution level."""
-    widths = tuple(int(c) for c in text.split(","))
-    if not widths or min(widths) <= 0:
-        raise ValueError(text)
-    return widths
+        raise UserError(f"--channels and --ema-lengths must be comma-separated numbers, got {cfg.channels!r}, {cfg.ema_lengths!r}")
+    if any(c <= 0 or c % 8 for c in widths) or len(widths) > 4:
+        raise UserError("--channels needs at most 4 widths, each a positive multiple of 8")
+    if not all(0 < s <= 0.28 for s in lengths):
+        raise UserError("each --ema-lengths value must lie in (0, 0.28]")
 
 
 def pick_device(name):
@@ -784,17 +900,16 @@ def pick_device(name):
     return torch.device(name)
 
 
-def build_model(cfg, device):
-    """The U-Net a config describes. On a GPU the default working resolution is
-    64x64: there is compute to spare, and finer positions help finer sprites."""
+def build_model(cfg, device, n_classes=0, guide=False):
+    """The U-Net a config describes (the guide: half as wide, no classes). On a GPU the
+    default working resolution is 64x64: there is compute to spare for finer positions."""
     unshuffle = cfg.unshuffle or (4 if device.type == "cpu" else 2)
-    return UNet(parse_channels(cfg.channels), cfg.blocks, unshuffle, cfg.target, cfg.schedule, cfg.norm_groups)
+    widths = tuple(c // 2 if guide else c for c in parse_numbers(cfg.channels, int))
+    return UNet(widths, cfg.blocks, unshuffle, cfg.target, cfg.schedule, cfg.norm_groups, 0 if guide else n_classes)
 
 
 def sample_t(n, cfg, generator, device):
-    """Training times. Logit-normal, t = sigmoid(m + s n) with n ~ N(0, 1), has a
-    density peaked near sigmoid(m) and thin tails: few samples are spent at the
-    two ends, where the best prediction is nearly trivial (the data mean, or x)."""
+    """Training times: uniform, or logit-normal t = sigmoid(m + s n) (peaked near sigmoid(m)), then shifted."""
     if cfg.t_dist == "uniform":
         t = torch.rand(n, generator=generator, device=device)
     else:
@@ -802,15 +917,17 @@ def sample_t(n, cfg, generator, device):
     return shift_time(t, cfg.t_shift)
 
 
-def flow_matching_loss(model, z, t, eps, target, sched, weight_cap=None):
-    """Per-sample loss (B,): || u_theta(x_t, t) - u_t(x_t | z) ||^2, averaged over pixels.
+def drop_labels(c, p, n_classes, generator):
+    """Each label (B,) becomes n_classes, "no class", with probability p."""
+    return torch.where(torch.rand(c.shape, generator=generator, device=c.device) < p, n_classes, c)
 
-    For x-prediction this is w(t) || z_hat - z ||^2 with w(t) as in section 7,
-    capped at `weight_cap` when given (training); validation leaves it uncapped.
-    `model` may be a DDP wrapper, so it is called, not asked for .velocity().
-    """
+
+def flow_matching_loss(model, z, t, eps, c, target, sched, weight_cap=None):
+    """Per-sample loss (B,): || u_theta(x_t, t, c) - u_t(x_t | z) ||^2, averaged over pixels.
+    For x-prediction this is w(t) || z_hat - z ||^2, w capped at `weight_cap` when given
+    (training; validation leaves it uncapped). `model` may be a DDP wrapper, so it is called."""
     x_t = sample_path(z, t, eps, sched)
-    out = model(x_t, t).float()
+    out = model(x_t, t, c).float()
     if target == "velocity":
         return (out - conditional_vector_field(z, t, eps, sched)).pow(2).flatten(1).mean(1)
     w = data_coefficients(t, sched, t)[0] ** 2  # (B,): u(z_hat) - u(z) = a (z_hat - z)
@@ -820,30 +937,76 @@ def flow_matching_loss(model, z, t, eps, target, sched, weight_cap=None):
 
 
 @torch.no_grad()
-def validation_loss(model, val_x, cfg, device, batch_size=64):
+def validation_loss(model, val_x, val_y, cfg, device, bf16, batch_size=64):
     """Mean flow-matching loss on held-out sprites at fixed seeds (see above)."""
     model.eval()
     gen = torch.Generator().manual_seed(1234)
     total = 0.0
     for start in range(0, len(val_x), batch_size):
-        z = to_float(val_x[start:start + batch_size])
+        z = to_float(val_x[start:start + batch_size]).to(device)
+        c = None if val_y is None else val_y[start:start + batch_size].to(device)
         t = torch.rand(len(z), generator=gen).to(device)
         eps = torch.randn(z.shape, generator=gen).to(device)
-        with autocast(device):
-            total += flow_matching_loss(model, z, t, eps, cfg.target, cfg.schedule).sum().item()
+        with autocast(device, bf16):
+            total += flow_matching_loss(model, z, t, eps, c, cfg.target, cfg.schedule).sum().item()
     return total / len(val_x)
 
 
+def cpu_has_bf16():
+    """Does /proc/cpuinfo list bf16 dot-product instructions? (False where there is none.)"""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def probe_step_ms(model, device, bf16, batch=8, reps=3):
+    """Milliseconds of one forward and backward pass on a small batch (best of the last reps)."""
+    x, t = torch.randn(batch, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device), torch.full((batch,), 0.5, device=device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        with autocast(device, bf16):
+            loss = model(x, t).float().square().mean()
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return 1000 * min(times[1:])
+
+
+def decide_bf16(asked, device, model):
+    """(use bf16?, why): --bf16/--no-bf16 if given; on CUDA yes; on a CPU, by its flags and a probe."""
+    if asked is not None:
+        return asked, "as asked"
+    if device.type != "cpu":
+        return device.type == "cuda", device.type
+    if not cpu_has_bf16():
+        return False, "this CPU lists no bf16 instructions"
+    fp32, bf16 = probe_step_ms(model, device, False), probe_step_ms(model, device, True)
+    return bf16 < 0.9 * fp32, f"a probe step took {bf16:.0f} ms in bf16, {fp32:.0f} ms in fp32"
+
+
+def assert_finite(path, *state_dicts):
+    """Refuse weights that are not finite: a diverged run must not be saved or sampled."""
+    if not all(torch.isfinite(v).all() for sd in state_dicts for v in sd.values() if v.is_floating_point()):
+        raise UserError(f"'{path}' would hold non-finite weights (the run diverged); use an earlier checkpoint or a lower --lr")
+
+
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: the old file survives any crash.
-    os.replace is atomic, so a reader sees either the old or the new file, never half of one."""
+    """Write to a temporary file, then rename: the old file survives any crash."""
+    assert_finite(path, state["model"], *state["ema"].values())
     tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint '{path}': {e.strerror or e}")
 
 
 def read_checkpoint(path):
-    """Load and sanity-check a checkpoint; any failure becomes one UserError sentence."""
+    """Load and sanity-check a checkpoint; any failure becomes one UserError sentence.
+    Older checkpoints load too: 32 norm groups, one classic EMA, no classes, grid 1."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint '{path}' is a folder; give a file such as '{path / 'last.pt'}'")
@@ -851,38 +1014,35 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        # Checkpoints written before --norm-groups existed were trained with 32 groups.
-        ckpt["config"] = {"norm_groups": 32, **ckpt["config"]}
-        TrainConfig(**ckpt["config"]), ckpt["ema"], ckpt["model"], ckpt["step"], ckpt["unshuffle"]
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        ckpt["config"] = {"norm_groups": 32, **{k: v for k, v in ckpt["config"].items() if k in known}}
+        if all(torch.is_tensor(v) for v in ckpt["ema"].values()):
+            ckpt["ema"] = {"0.999": ckpt["ema"]}  # a classic EMA, from before power EMAs
+        TrainConfig(**ckpt["config"]), ckpt["model"], ckpt["step"], ckpt["unshuffle"]
     except Exception:
         raise UserError(f"checkpoint '{path}' is corrupt or not a SpriteFlow checkpoint")
-    return ckpt
+    return {"classes": [], "grid": 1, "seconds": 0.0, "skipped": 0, **ckpt}
 
 
-def load_model_from_checkpoint(path, device="cpu"):
-    """The EMA weights of a checkpoint as a ready-to-sample UNet (eval mode)."""
+def load_models(path, device="cpu", ema=None):
+    """(model, guide or None, checkpoint) ready to sample: the EMA of length `ema`
+    (default: the first kept), and the autoguidance guide if the run trained one."""
     ckpt = read_checkpoint(path)
-    cfg = TrainConfig(**ckpt["config"])
-    model = build_model(dataclasses.replace(cfg, unshuffle=ckpt["unshuffle"]), device)
-    try:
-        model.load_state_dict(ckpt["ema"])
-    except RuntimeError:
-        raise UserError(f"checkpoint '{path}' does not match the model its config describes")
-    return model.to(device).eval()
-
-
-def sprite_sheet(images, cols=None, scale=1, checker=8):
-    """uint8 (N, H, W, 4) -> one RGB image on a grey checkerboard (shows transparency)."""
-    n, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    yy, xx = np.mgrid[: rows * h, : cols * w]
-    board = np.where(((yy // checker) + (xx // checker)) % 2 == 0, 208, 232).astype(np.uint8)
-    sheet = Image.fromarray(board).convert("RGB")
-    for i, img in enumerate(images.numpy() if torch.is_tensor(images) else images):
-        tile = Image.fromarray(img, "RGBA")
-        sheet.paste(tile, ((i % cols) * w, (i // cols) * h), tile)
-    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale > 1 else sheet
+    cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), unshuffle=ckpt["unshuffle"])
+    key = ema or next(iter(ckpt["ema"]))
+    if key not in ckpt["ema"]:
+        raise UserError(f"checkpoint '{path}' keeps no EMA of length {key}; it has {', '.join(ckpt['ema'])}")
+    nets = [(build_model(cfg, device, len(ckpt["classes"])), ckpt["ema"][key])]
+    if "guide" in ckpt:
+        nets.append((build_model(cfg, device, guide=True), ckpt["guide"]))
+    for net, weights in nets:
+        assert_finite(path, weights)
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError:
+            raise UserError(f"checkpoint '{path}' does not match the model its config describes")
+        net.to(device).eval()
+    return nets[0][0], nets[1][0] if len(nets) > 1 else None, ckpt
 
 
 def setup_distributed(device):
@@ -899,225 +1059,6 @@ def setup_distributed(device):
     return dist.get_rank(), world, device
 
 
-def new_run_dir():
-    base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    return next(p for p in [base] + [Path(f"{base}-{k}") for k in range(1, 1000)] if not p.exists())
-
-
-def progress(step, max_steps, loss, img_s, elapsed, steps_done, max_minutes=0.0):
-    """One status line; redrawn in place on a terminal, one line per update in a log file.
-    The ETA uses the pace of the `steps_done` steps taken in `elapsed` seconds by this
-    process, and never runs past the --max-minutes limit."""
-    bar = ("#" * int(24 * step / max_steps)).ljust(24, "-")
-    eta = (max_steps - step) * elapsed / max(steps_done, 1) / 60
-    if max_minutes:
-        eta = min(eta, max(0.0, max_minutes - elapsed / 60))
-    print(f"step {step}/{max_steps} [{bar}] loss {loss:.4f} {img_s:.1f} img/s eta {eta:.0f} min",
-          end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
-
-
-def train_step(net, model, ema_model, opt, z, t, eps, cfg, amp, step):
-    """One optimisation step on sprites z (B, 4, 128, 128) at times t (B,) with noise eps.
-    Returns the per-sample losses (B,) and the gradient norm before clipping."""
-    with amp:
-        per_sample = flow_matching_loss(net, z, t, eps, cfg.target, cfg.schedule, cfg.weight_cap)
-    opt.zero_grad(set_to_none=True)
-    per_sample.mean().backward()
-    # Rare large gradients (early on, or a batch heavy in t near 1 when the
-    # x-prediction weight is uncapped) are scaled down, not followed.
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    ema_update(ema_model, model, step, cfg.ema)
-    return per_sample.detach(), grad_norm
-
-
-def train(cfg, stop_after=None):
-    """Train per `cfg`; returns the run folder. `stop_after` ends the loop early at
-    that step as if interrupted (the tests use it to check resuming)."""
-    check_config(cfg)
-    rank, world, device = setup_distributed(pick_device(cfg.device))
-    is_main = rank == 0
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else new_run_dir()
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    ckpt = None
-    if cfg.resume:
-        if not cfg.run_dir:
-            raise UserError("--resume needs --run-dir to say which run to continue")
-        ckpt = read_checkpoint(last_path)
-        # The recipe comes from the checkpoint; only how long to go on and where
-        # the data lives come from this command line.
-        cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), resume=True, run_dir=str(run_dir),
-                                  data=cfg.data, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes)
-    elif last_path.exists():
-        raise UserError(f"'{run_dir}' already holds a checkpoint; add --resume to continue it or pick another --run-dir")
-
-    # The whole set lives on the device as uint8 (4x smaller than floats);
-    # under torchrun each rank keeps every world-th training sprite, its shard.
-    data, names = load_folder(cfg.data)
-    train_idx, val_idx = split_train_val(names, cfg.val_fraction)
-    train_x = data[train_idx][rank::world].to(device)  # (N_train / world, 4, 128, 128) uint8
-    # At most 512 held-out sprites: enough for a stable number, cheap enough to run often.
-    val_x = data[val_idx][:512].to(device)
-
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg, device).to(device)
-    if device.type == "cuda":  # tensor cores prefer NHWC convolutions
-        model = model.to(memory_format=torch.channels_last)
-    unshuffle = model.stem[0].downscale_factor
-    ema_model = copy.deepcopy(model).requires_grad_(False)
-    # AdamW: Adam's per-parameter step sizes, with weight decay applied to the
-    # weights directly rather than through the gradient. beta2 = 0.99 (instead of
-    # 0.999) lets the second-moment estimate follow the loss scale, which shifts
-    # a lot as the network learns the easy times first.
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    # Every random draw of training (batch indices, flips, t, eps) comes from
-    # this one generator, so saving its state makes a resumed run draw exactly
-    # what the uninterrupted run would have. Ranks get different streams.
-    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    step, best_val = 0, float("inf")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        # Only rank 0's stream is saved; other ranks restart theirs from a seed that depends on the step.
-        gen.set_state(ckpt["rng"]) if rank == 0 else gen.manual_seed(cfg.seed * 1000 + rank + 7919 * step)
-    # `net` is what the training step calls: possibly wrapped by DDP (which
-    # all-reduces gradients in backward) and/or torch.compile. `model` stays the
-    # plain module whose weights we average, save and sample from.
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    # bf16 autocast runs matmuls and convolutions in bfloat16 (same exponent
-    # range as float32, so no loss scaling is needed); the loss is taken in fp32.
-    use_bf16 = device.type == "cuda" or cfg.bf16
-    amp = autocast(device, cfg.bf16)
-
-    if cfg.fid_every and len(val_x) < 2:
-        raise UserError("--fid-every needs at least 2 validation sprites; raise --val-fraction")
-    inception = load_fid_network(cfg, device) if is_main and cfg.fid_every else None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        print(f"{len(data)} sprites ({len(train_idx)} train, {len(val_idx)} val) from {cfg.data}; "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters at {128 // unshuffle}x{128 // unshuffle} working resolution; "
-              f"device {device}{' x' + str(world) if world > 1 else ''}{', bf16' if use_bf16 else ''}; run folder {run_dir}",
-              file=sys.stderr)
-        log_path = run_dir / "training_log.csv"
-        columns = ["step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "val_loss"] + [f"loss_t{k}" for k in range(T_BUCKETS)]
-        columns += ["fid", "kid"] if cfg.fid_every else []
-        new_log = not (cfg.resume and log_path.exists())
-        log_file = open(log_path, "w" if new_log else "a", newline="")
-        log = csv.writer(log_file)
-        if new_log:
-            log.writerow(columns)
-        fixed_noise_seed = cfg.seed + 12345
-
-    def checkpoint_state():
-        """Everything needed to continue exactly: weights, optimizer moments, step, RNG."""
-        return {"model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": opt.state_dict(),
-                "step": step, "best_val": best_val, "rng": gen.get_state().cpu(), "config": dataclasses.asdict(cfg),
-                "unshuffle": unshuffle}
-
-    # Log statistics stay on the device until a row is written: reading them
-    # every step would make a GPU wait for each step to finish.
-    bucket_sum, bucket_n = torch.zeros(T_BUCKETS, device=device), torch.zeros(T_BUCKETS, device=device)
-    loss_sum, grad_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-    window_steps, start_step, why = 0, step, "done"
-    start_time = window_time = time.time()
-    try:
-        while step < cfg.max_steps:
-            if (stop_after is not None and step >= stop_after) or (cfg.max_minutes and time.time() - start_time > 60 * cfg.max_minutes):
-                break
-            model.train()
-            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # Sampling with replacement: steps, not epochs, are the unit of training.
-            idx = torch.randint(len(train_x), (cfg.batch_size,), generator=gen, device=device)
-            z = to_float(train_x[idx])  # (B, 4, 128, 128) in [-1, 1]
-            if cfg.flip:
-                flip = torch.rand(cfg.batch_size, generator=gen, device=device) < 0.5
-                z = torch.where(expand(flip, z), z.flip(-1), z)
-            t = sample_t(cfg.batch_size, cfg, gen, device)  # (B,)
-            eps = torch.randn(z.shape, generator=gen, device=device)  # (B, 4, 128, 128)
-            per_sample, grad_norm = train_step(net, model, ema_model, opt, z, t, eps, cfg, amp, step)
-            step += 1
-
-            if not is_main:  # only rank 0 logs, validates, samples and saves
-                continue
-            # Per-t-bucket losses: where along the path is the flow hard to learn?
-            bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
-            bucket_sum.index_add_(0, bucket, per_sample.float())
-            bucket_n.index_add_(0, bucket, torch.ones_like(t))
-            loss_sum += per_sample.mean()
-            grad_sum += grad_norm
-            window_steps += 1
-            if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step == cfg.max_steps:
-                now = time.time()
-                img_s = window_steps * cfg.batch_size * world / max(now - window_time, 1e-9)
-                val = ""
-                if step % cfg.val_every == 0 or step == cfg.max_steps:
-                    val = validation_loss(ema_model, val_x, cfg, device)
-                buckets, counts = (bucket_sum / bucket_n.clamp(min=1)).tolist(), bucket_n.tolist()
-                mean_loss, mean_grad = loss_sum.item() / window_steps, grad_sum.item() / window_steps
-                row = [step, f"{step * cfg.batch_size * world / len(train_idx):.3f}", f"{mean_loss:.5f}",
-                       f"{lr:.3e}", f"{mean_grad:.4f}", f"{img_s:.2f}",
-                       val if val == "" else f"{val:.5f}"] + [f"{b:.5f}" if n else "" for b, n in zip(buckets, counts)]
-                if cfg.fid_every:
-                    row += fid_kid_row(ema_model, val_x, inception, cfg, device) if step % cfg.fid_every == 0 else ["", ""]
-                log.writerow(row)
-                log_file.flush()
-                progress(step, cfg.max_steps, mean_loss, img_s, now - start_time, step - start_step, cfg.max_minutes)
-                if val != "":
-                    if val < best_val:
-                        best_val = val
-                        save_checkpoint(best_path, checkpoint_state())
-                    save_checkpoint(last_path, checkpoint_state())
-                for stat in (bucket_sum, bucket_n, loss_sum, grad_sum):
-                    stat.zero_()
-                window_steps, window_time = 0, time.time()
-            if step % cfg.sample_every == 0:
-                sprites = generate(ema_model, 16, cfg.sample_steps, "heun", fixed_noise_seed, device)
-                sprite_sheet(sprites, cols=4).save(run_dir / "samples" / f"step_{step:07d}.png")
-    except KeyboardInterrupt:  # Ctrl-C: fall through to the final save below
-        why = "interrupted"
-    if world > 1:
-        check_ranks_in_sync(model, rank, world)
-    if is_main:
-        if step > start_step or not last_path.exists():
-            save_checkpoint(last_path, checkpoint_state())
-        if not best_path.exists():
-            save_checkpoint(best_path, checkpoint_state())
-        log_file.close()
-        print(f"\n{why} at step {step}; checkpoints in {run_dir} (best val loss {best_val:.5f})", file=sys.stderr)
-    if world > 1:
-        dist.destroy_process_group()
-    return run_dir
-
-
-def load_fid_network(cfg, device):
-    """fid.py's Inception network; without its weights we stop now, not hours in."""
-    import fid
-    try:
-        return fid.load_inception(cfg.fid_weights or None, device, allow_download=False)
-    except fid.FIDError as e:
-        raise UserError(f"--fid-every needs the Inception weights: {e}")
-
-
-def fid_kid_row(ema_model, val_x, inception, cfg, device):
-    """FID and KID between as many EMA samples as there are validation sprites
-    and those sprites. With a few hundred images FID is biased upwards; KID,
-    being unbiased, is the number to compare across steps."""
-    import fid
-    fake = generate(ema_model, len(val_x), cfg.sample_steps, "heun", cfg.seed + 999, device)
-    real = val_x.permute(0, 2, 3, 1).cpu()  # (N, 128, 128, 4)
-    scores = fid.fid_kid(real.numpy(), fake.numpy(), inception, device=device)
-    return [f"{scores['fid']:.3f}", f"{scores['kid_mean']:.5f}"]
-
-
 def check_ranks_in_sync(model, rank, world):
     """DDP keeps replicas identical by averaging gradients; verify it: the
     element-wise max and min of the weights over all ranks must coincide."""
@@ -1126,77 +1067,635 @@ def check_ranks_in_sync(model, rank, world):
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     if rank == 0:
-        same = torch.equal(hi, lo)
-        print(f"\nweights identical across {world} ranks: {same}", file=sys.stderr)
+        print(f"\nweights identical across {world} ranks: {torch.equal(hi, lo)}", file=sys.stderr)
+
+
+def claim_run_dir(cfg):
+    """The run folder, created if needed (a new dated one by default), and its lock:
+    run_dir/lock holds the PID of the one process allowed to write here."""
+    base = Path(cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        if cfg.run_dir:
+            base.mkdir(parents=True, exist_ok=True)
+            run_dir = base
+        else:  # mkdir without exist_ok is atomic: two runs started together get two folders
+            run_dir = next(p for p in [base] + [Path(f"{base}-{k}") for k in range(1, 1000)] if not p.exists())
+            run_dir.mkdir(parents=True)
+        fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create or write the run folder '{base}': {e.strerror or e}")
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"'{run_dir}' is being written by another training process (pid {pid}); wait for it or pick another --run-dir")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    for stale in run_dir.glob("*.tmp"):  # left by a process killed mid-save
+        stale.unlink()
+    return run_dir, fd
+
+
+def resumed_config(cfg, ckpt, run_dir):
+    """The recipe comes from the checkpoint; the budget, and the data folder when
+    --allow-new-data says so, from this command line."""
+    old = TrainConfig(**ckpt["config"])
+    budget = {"max_steps": cfg.max_steps, "max_minutes": cfg.max_minutes} if cfg.max_steps or cfg.max_minutes else {}
+    data = cfg.data or ckpt.get("data") or old.data
+    if cfg.data and "data" in ckpt and Path(cfg.data).resolve() != Path(ckpt["data"]) and not cfg.allow_new_data:
+        raise UserError(f"this run trained on '{ckpt['data']}', not '{cfg.data}'; leave out --data, or add --allow-new-data")
+    return dataclasses.replace(old, resume=True, run_dir=str(run_dir), data=data, allow_new_data=cfg.allow_new_data, bf16=cfg.bf16, **budget)
+
+
+def start_run(cfg, rank, world, device):
+    """Everything the loop needs, as one namespace: folder and lock, data on the
+    device, networks, optimizer and the state of a resumed run."""
+    s = argparse.Namespace(cfg=cfg, rank=rank, is_main=rank == 0, world=world, device=device, lock=None, log_file=None)
+    s.run_dir, s.lock = claim_run_dir(cfg) if s.is_main else (Path(cfg.run_dir), None)
+    try:
+        prepare(s, cfg)
+    except BaseException:
+        if s.lock is not None:
+            os.close(s.lock)  # releases the flock
+            if [p.name for p in s.run_dir.iterdir()] == ["lock"]:  # nothing of value: leave no empty run behind
+                (s.run_dir / "lock").unlink()
+                s.run_dir.rmdir()
+        raise
+    return s
+
+
+def prepare(s, cfg):
+    """start_run's work once the folder is ours."""
+    ckpt = None
+    if cfg.resume:
+        ckpt = read_checkpoint(s.run_dir / "last.pt")
+        cfg = s.cfg = resumed_config(cfg, ckpt, s.run_dir)
+    elif (s.run_dir / "last.pt").exists():
+        raise UserError(f"'{s.run_dir}' already holds a checkpoint; add --resume to continue it or pick another --run-dir")
+    if not cfg.max_steps and not cfg.max_minutes:
+        cfg = s.cfg = dataclasses.replace(cfg, max_minutes=DEFAULT_MINUTES)
+    load_data(s, ckpt)
+    build_networks(s, ckpt)
+    if s.is_main:
+        open_log(s, ckpt)
+        if cfg.max_minutes == DEFAULT_MINUTES and not cfg.max_steps:
+            print(f"training for {DEFAULT_MINUTES:g} minutes, the default budget (set --max-minutes or --max-steps)", file=sys.stderr)
+        print(f"{len(s.names)} sprites ({len(s.train_idx)} train, {len(s.val_x)} val) from {s.data_path}"
+              f"{'; classes ' + ', '.join(f'{c} {n}' for c, n in zip(s.classes, s.class_counts)) if s.classes else ', no classes'}; "
+              f"pixel grid {s.grid}; {sum(p.numel() for p in s.model.parameters()) / 1e6:.1f}M parameters"
+              f"{' + guide ' + format(sum(p.numel() for p in s.guide_ema.parameters()) / 1e6, '.1f') + 'M' if s.guide_ema else ''}; "
+              f"device {s.device}{' x' + str(s.world) if s.world > 1 else ''}; bf16 {'on' if s.bf16 else 'off'} ({s.bf16_why}); "
+              f"run folder {s.run_dir}", file=sys.stderr)
+
+
+def load_data(s, ckpt):
+    """Sprites and labels onto the device; under torchrun each rank keeps every world-th training sprite."""
+    cfg = s.cfg
+    data, s.names, s.classes, y = load_folder(cfg.data or "data/images", labels=cfg.labels)
+    s.data_path = str(Path(cfg.data or "data/images").resolve())
+    s.fingerprint = hashlib.sha256("\n".join(s.names).encode()).hexdigest()[:16]
+    if ckpt is not None and ckpt.get("fingerprint", s.fingerprint) != s.fingerprint and not cfg.allow_new_data:
+        raise UserError(f"the files in '{cfg.data}' changed since this run started; add --allow-new-data to go on with them")
+    if ckpt is not None and s.classes != ckpt["classes"]:
+        raise UserError(f"this run has the classes [{', '.join(ckpt['classes'])}] but the data has [{', '.join(s.classes)}]")
+    s.class_counts = [int((y == k).sum()) for k in range(len(s.classes))]
+    s.grid = ckpt["grid"] if ckpt else (detect_grid(data) if cfg.grid == "auto" else int(cfg.grid))
+    s.train_idx, val_idx = split_train_val(s.names, cfg.val_fraction)
+    shard = slice(s.rank, None, s.world)
+    s.train_x = data[s.train_idx][shard].to(s.device)  # (N_train / world, 4, 128, 128) uint8
+    s.train_y = None if y is None else y[s.train_idx][shard].to(s.device)  # (N_train / world,)
+    # At most 512 held-out sprites: enough for a stable number, cheap enough to run often.
+    s.val_x, s.val_y = data[val_idx][:512], None if y is None else y[val_idx][:512]
+
+
+def build_networks(s, ckpt):
+    """Model, EMAs, AdamW, the training RNG and, for autoguidance, the guide."""
+    cfg, device = s.cfg, s.device
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    s.model = build_model(cfg, device, len(s.classes)).to(device)
+    if device.type == "cuda":  # tensor cores prefer NHWC convolutions
+        s.model = s.model.to(memory_format=torch.channels_last)
+    s.lengths = parse_numbers(cfg.ema_lengths)
+    s.gammas = [ema_gamma(length) for length in s.lengths]
+    s.emas = [copy.deepcopy(s.model).requires_grad_(False) for _ in s.lengths]
+    # AdamW: per-parameter step sizes, weight decay applied to the weights directly.
+    # beta2 = 0.99 lets the second moment follow the loss scale, which shifts a lot.
+    s.opt = torch.optim.AdamW(s.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    # Every random draw of training comes from this one generator, so saving its
+    # state makes a resumed run draw exactly what the uninterrupted run would have.
+    s.gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + s.rank)
+    s.step, s.seconds, s.best_val, s.skipped, s.bad_in_row = 0, 0.0, float("inf"), 0, 0
+    with_guide = cfg.guide == "on" or (cfg.guide == "auto" and not s.classes)
+    s.guide = build_model(cfg, device, guide=True).to(device) if with_guide and s.is_main else None
+    s.guide_ema = copy.deepcopy(s.guide).requires_grad_(False) if s.guide is not None else None
+    s.guide_opt = torch.optim.AdamW(s.guide.parameters(), lr=cfg.lr, betas=(0.9, 0.99)) if s.guide is not None else None
+    if ckpt is not None:
+        restore(s, ckpt)
+    s.bf16, s.bf16_why = (ckpt["bf16"], "as when the run began") if ckpt and cfg.bf16 is None and "bf16" in ckpt else decide_bf16(cfg.bf16, device, s.model)
+    s.amp = autocast(device, s.bf16)
+    # `net` is what the step calls: maybe wrapped by DDP (which all-reduces gradients
+    # in backward) and/or torch.compile; `model` is the plain module we average and save.
+    s.net = nn.parallel.DistributedDataParallel(s.model, device_ids=[device.index] if device.type == "cuda" else None) if s.world > 1 else s.model
+    s.net = torch.compile(s.net) if cfg.compile else s.net
+
+
+def restore(s, ckpt):
+    """Put a checkpoint's state back, so the run continues exactly."""
+    s.model.load_state_dict(ckpt["model"])
+    for length, ema in zip(s.lengths, s.emas):
+        ema.load_state_dict(ckpt["ema"][str(length)])
+    s.opt.load_state_dict(ckpt["optimizer"])
+    s.step, s.seconds, s.best_val, s.skipped = ckpt["step"], ckpt["seconds"], ckpt["best_val"], ckpt["skipped"]
+    # Only rank 0's stream is saved; other ranks restart theirs from a seed that depends on the step.
+    s.gen.set_state(ckpt["rng"]) if s.rank == 0 else s.gen.manual_seed(s.cfg.seed * 1000 + s.rank + 7919 * s.step)
+    if s.guide is not None and "guide_model" in ckpt:
+        s.guide.load_state_dict(ckpt["guide_model"])
+        s.guide_opt.load_state_dict(ckpt["guide_optimizer"])
+    if s.guide_ema is not None and "guide" in ckpt:
+        s.guide_ema.load_state_dict(ckpt["guide"])
+    if "guide_model" not in ckpt:  # its training phase is over (or it never had one)
+        s.guide = s.guide_opt = None
+
+
+LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "val_loss"] + [f"loss_t{k}" for k in range(T_BUCKETS)] + ["minutes", "skipped"]
+
+
+def open_log(s, ckpt):
+    """training_log.csv: a new one, or on resume the old one without rows past the checkpoint."""
+    path = s.run_dir / "training_log.csv"
+    rows = []
+    if ckpt is not None and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f)][1:]
+        rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= s.step]
+    try:
+        (s.run_dir / "samples").mkdir(exist_ok=True)
+        s.log_file = open(path, "w", newline="")
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder '{s.run_dir}': {e.strerror or e}")
+    s.log = csv.writer(s.log_file)
+    s.log.writerows([LOG_COLUMNS] + rows)
+    s.stats = torch.zeros(2 * T_BUCKETS + 2, device=s.device)  # bucket sums, bucket counts, loss, grad norm
+    s.window_steps, s.window_start, s.saved_step = 0, time.time(), s.step
+
+
+def train(cfg, stop_after=None):
+    """Train per `cfg` and return the run folder. `stop_after` ends the loop at that
+    step as if interrupted (the tests use it to check resuming)."""
+    check_config(cfg)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    s = None
+    handlers, stop = {}, {"signal": None}
+
+    def ask_to_stop(signum, frame):
+        if stop["signal"] == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        stop["signal"] = signum
+
+    try:
+        s = start_run(cfg, rank, world, device)
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                handlers[name] = signal.signal(getattr(signal, name), ask_to_stop)
+        s.started, s.start_step = time.time(), s.step
+        why = "done"
+        while True:
+            seconds = s.seconds + time.time() - s.started
+            progress = run_progress(s.step, seconds, s.cfg)
+            asked = stop["signal"] is not None or (stop_after is not None and s.step >= stop_after)
+            if any_rank(progress >= 1 or asked, world, device):
+                why = "done" if progress >= 1 else "interrupted"
+                break
+            one_step(s, progress)
+        finish(s, why)
+        return s.run_dir
+    finally:
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
+        if s is not None and s.log_file:
+            s.log_file.close()
+        if s is not None and s.lock is not None:
+            os.close(s.lock)  # releases the flock
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def any_rank(flag, world, device):
+    """True if `flag` holds on any rank: all ranks must leave the loop at the same step."""
+    if world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train_step(net, model, opt, z, t, eps, c, cfg, amp, lr):
+    """One optimisation step; returns per-sample losses (B,), the gradient norm, and
+    whether the step was taken (False: the loss or gradient was not finite)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with amp:
+        per_sample = flow_matching_loss(net, z, t, eps, c, cfg.target, cfg.schedule, cfg.weight_cap)
+    opt.zero_grad(set_to_none=True)
+    per_sample.mean().backward()
+    # Rare large gradients (early on, or on spikes) are scaled down, not followed.
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        opt.step()
+    return per_sample.detach(), grad_norm, finite
+
+
+def one_step(s, progress):
+    """Draw a batch, take the step (and the guide's), update the EMAs, keep the books."""
+    cfg, gen, device, B = s.cfg, s.gen, s.device, s.cfg.batch_size
+    s.model.train()
+    lr = lr_at(s.step, progress, cfg.lr, cfg.warmup)
+    # Sampling with replacement: steps, not epochs, are the unit of training.
+    idx = torch.randint(len(s.train_x), (B,), generator=gen, device=device)
+    z = to_float(s.train_x[idx])  # (B, 4, 128, 128) in [-1, 1]
+    if cfg.flip:
+        z = torch.where(expand(torch.rand(B, generator=gen, device=device) < 0.5, z), z.flip(-1), z)
+    t = sample_t(B, cfg, gen, device)  # (B,)
+    eps = torch.randn(z.shape, generator=gen, device=device)  # (B, 4, 128, 128)
+    c = None if s.train_y is None else drop_labels(s.train_y[idx], cfg.label_dropout, len(s.classes), gen)  # (B,)
+    per_sample, grad_norm, finite = train_step(s.net, s.model, s.opt, z, t, eps, c, cfg, s.amp, lr)
+    s.lr = lr
+    s.step += 1
+    if finite:
+        ema_update(s.emas, s.model, s.step, s.gammas)
+        s.bad_in_row = 0
+    else:
+        s.skipped, s.bad_in_row = s.skipped + 1, s.bad_in_row + 1
+        if s.bad_in_row >= MAX_BAD_STEPS:
+            raise UserError(diverged_message(s, f"the loss was not finite for {MAX_BAD_STEPS} steps in a row"))
+    if s.guide is not None:
+        if progress < cfg.guide_fraction:
+            if train_step(s.guide, s.guide, s.guide_opt, z, t, eps, None, cfg, s.amp, lr)[2]:
+                ema_update([s.guide_ema], s.guide, s.step, s.gammas[:1])
+        else:  # its share of the budget is spent: keep only its EMA
+            s.guide = s.guide_opt = None
+    if s.is_main:
+        keep_books(s, per_sample, grad_norm, t)
+
+
+def diverged_message(s, what):
+    last = s.run_dir / "last.pt"
+    kept = f"the last good checkpoint is {last} (step {read_checkpoint(last)['step']})" if last.exists() else "no checkpoint was written"
+    return f"training diverged at step {s.step}: {what} at lr {s.lr:.2g}; {kept}; try a lower --lr than {s.cfg.lr:g}"
+
+
+def keep_books(s, per_sample, grad_norm, t):
+    """Rank 0: log statistics stay on the device between rows (reading them every
+    step would make a GPU wait); rows, validation, checkpoints and sample grids."""
+    bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)  # per-t losses: where is the flow hard?
+    s.stats[:T_BUCKETS].index_add_(0, bucket, per_sample.float())
+    s.stats[T_BUCKETS:2 * T_BUCKETS].index_add_(0, bucket, torch.ones_like(t))
+    s.stats[-2:] += torch.stack([per_sample.float().mean(), grad_norm.float()])
+    s.window_steps += 1
+    validate = s.step % s.cfg.val_every == 0
+    if validate or s.step % s.cfg.log_every == 0:
+        write_row(s, validate)
+    if s.step % s.cfg.sample_every == 0:
+        labels = class_plan(16, s.classes, s.class_counts) if s.classes else None
+        sprites = generate(s.emas[0], 16, s.cfg.sample_steps, seed=s.cfg.seed + 12345, device=s.device, labels=labels, grid=s.grid)
+        sprite_sheet(sprites, cols=4).save(s.run_dir / "samples" / f"step_{s.step:07d}.png")
+
+
+def write_row(s, validate):
+    """One CSV row and progress line for the steps since the last; with `validate`, the
+    validation loss, best.pt when it improved, and last.pt."""
+    cfg, now = s.cfg, time.time()
+    minutes = (s.seconds + now - s.started) / 60
+    img_s = s.window_steps * cfg.batch_size * s.world / max(now - s.window_start, 1e-9)
+    val = validation_loss(s.emas[0], s.val_x, s.val_y, cfg, s.device, s.bf16) if validate else None
+    stats = s.stats.tolist()
+    buckets = [f"{a / n:.5f}" if n else "" for a, n in zip(stats[:T_BUCKETS], stats[T_BUCKETS:2 * T_BUCKETS])]
+    loss, grad = stats[-2] / s.window_steps, stats[-1] / s.window_steps
+    s.log.writerow([s.step, f"{s.step * cfg.batch_size * s.world / len(s.train_idx):.3f}", f"{loss:.5f}", f"{s.lr:.3e}",
+                    f"{grad:.4f}", f"{img_s:.2f}", "" if val is None else f"{val:.5f}"] + buckets + [f"{minutes:.2f}", s.skipped])
+    s.log_file.flush()
+    pace = (now - s.started) / 60 / max(s.step - s.start_step, 1)  # this session's minutes per step
+    print(f"{progress_text(s.step, minutes, pace, cfg)} loss {loss:.4f} lr {s.lr:.1e} {img_s:.1f} img/s",
+          end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
+    if val is not None:
+        if not math.isfinite(val):
+            raise UserError(diverged_message(s, "the validation loss was not finite"))
+        if val < s.best_val:
+            s.best_val = val
+            save_checkpoint(s.run_dir / "best.pt", checkpoint_state(s))
+        save_checkpoint(s.run_dir / "last.pt", checkpoint_state(s))
+        s.saved_step = s.step
+    s.stats.zero_()
+    s.window_steps, s.window_start = 0, time.time()
+
+
+def progress_text(step, minutes, pace, cfg):
+    """'step S (M min of the budget, eta E min)': the ETA uses this session's pace
+    (minutes per step) for a step budget, and never runs past the time budget."""
+    etas = [(cfg.max_steps - step) * pace] * bool(cfg.max_steps) + [cfg.max_minutes - minutes] * bool(cfg.max_minutes)
+    budget = " and ".join([f"{cfg.max_steps} steps"] * bool(cfg.max_steps) + [f"{cfg.max_minutes:g} min"] * bool(cfg.max_minutes))
+    return f"step {step} ({minutes:.1f} min; budget {budget}, eta {max(min(etas), 0):.0f} min)"
+
+
+def checkpoint_state(s):
+    """Everything needed to continue exactly, and to sample: weights, EMAs, optimizer
+    moments, step, training time, RNG, config, classes, pixel grid, data identity."""
+    state = {"model": s.model.state_dict(), "ema": {str(k): e.state_dict() for k, e in zip(s.lengths, s.emas)},
+             "optimizer": s.opt.state_dict(), "step": s.step, "seconds": s.seconds + time.time() - s.started,
+             "best_val": s.best_val, "rng": s.gen.get_state().cpu(), "config": dataclasses.asdict(s.cfg),
+             "unshuffle": s.model.stem[0].downscale_factor, "classes": s.classes, "class_counts": s.class_counts,
+             "grid": s.grid, "bf16": s.bf16, "data": s.data_path, "fingerprint": s.fingerprint, "skipped": s.skipped}
+    if s.guide_ema is not None:
+        state["guide"] = s.guide_ema.state_dict()
+    if s.guide is not None:  # still training: its weights and moments too
+        state["guide_model"], state["guide_optimizer"] = s.guide.state_dict(), s.guide_opt.state_dict()
+    return state
+
+
+def finish(s, why):
+    """Final row, validation and save (rank 0), and the DDP consistency check."""
+    if s.world > 1:
+        check_ranks_in_sync(s.model, s.rank, s.world)
+    if not s.is_main:
+        return
+    if s.window_steps:
+        write_row(s, validate=True)
+    elif s.step > s.saved_step or not (s.run_dir / "last.pt").exists():
+        save_checkpoint(s.run_dir / "last.pt", checkpoint_state(s))
+    if not (s.run_dir / "best.pt").exists():
+        save_checkpoint(s.run_dir / "best.pt", checkpoint_state(s))
+    minutes = (s.seconds + time.time() - s.started) / 60
+    print(f"\n{why} at step {s.step} after {minutes:.1f} min; checkpoints in {s.run_dir} (best val loss {s.best_val:.5f}"
+          f"{f'; {s.skipped} steps skipped, loss not finite' if s.skipped else ''})", file=sys.stderr)
+
+
+def sprite_sheet(images, cols=None, scale=1, checker=8):
+    """uint8 (N, H, W, 4) -> one RGB image on a grey checkerboard (shows transparency)."""
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    yy, xx = np.mgrid[: rows * h, : cols * w]
+    board = np.where(((yy // checker) + (xx // checker)) % 2 == 0, 208, 232).astype(np.uint8)
+    sheet = Image.fromarray(board).convert("RGB")
+    for i, img in enumerate(images.numpy() if torch.is_tensor(images) else images):
+        tile = Image.fromarray(img, "RGBA")
+        sheet.paste(tile, ((i % cols) * w, (i // cols) * h), tile)
+    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale > 1 else sheet
 
 
 # -----------------------------------------------------------------------------
-# 8. Command line: train, sample, plot, bench
+# 8. What an invertible flow can do
 #
-#   train   section 7, with every TrainConfig field as a --flag.
-#   sample  loads the EMA weights of a checkpoint (by default the newest .pt
-#           under runs/) and integrates dX = u_theta(X, t) dt (or the SDE) from
-#           X_0 ~ N(0, I) to t = 1. Pass --trajectory to watch the flow: every
-#           intermediate X_t is an image too, noise condensing into a sprite.
-#   plot    training_log.csv -> PNG. Losses span orders of magnitude (the
-#           t-buckets differ by ~100x), hence the log-scale y axis.
-#   bench   what one training step and one sample cost on this device, for
-#           the default model and for the same widths at full resolution
-#           (no pixel-unshuffle). The convolutions' cost scales with the
-#           number of positions, so the full-resolution variant does ~16x the
-#           work of the 32x32 default. With --checkpoint it also measures how
-#           far Euler and Heun endpoints land from a 500-step Heun solution:
-#           the global error of a method of order p shrinks like (1/N)^p.
+# The ODE dX = u(X, t) dt is deterministic, so it can run backwards: integrate
+# from a sprite at t=1 down to t=0 and you get the noise x_0 that the forward
+# pass carries to that sprite (up to the solver's error). The SDE cannot be
+# undone like this: each step adds fresh noise, information the end state no
+# longer holds, so many noises lead to one sprite and none is "its" noise.
+#
+# Interpolation. Noise is N(0, I) in d = 65,536 dimensions, and such a vector's
+# norm concentrates tightly at sqrt(d) = 256. The straight line between two
+# independent noises a, b has |(1-s) a + s b| ~ sqrt((1-s)^2 + s^2) sqrt(d):
+# at s = 1/2 it is 0.71 sqrt(d), a point the flow never saw at t=0, and its
+# sprites come out faded. Slerp walks the great circle between the two
+# directions and interpolates the norm linearly, so every point is a typical
+# noise:  slerp(a, b, s) = [(1-s)|a| + s|b|] (sin((1-s) th) a^ + sin(s th) b^) / sin th.
+#
+# Editing (inpainting). Given a sprite y and a mask m (1 = repaint), sample
+# while holding the known pixels. With x-prediction the network's guess z_hat
+# is a whole sprite at every t, so we can overwrite its known part with y,
+#     z_hat <- m z_hat + (1 - m) y,
+# before forming the velocity: the unknown part is then drawn towards a sprite
+# that agrees with y, and the seam is solved by the network at every step.
+# (Re-noising the known part of x_t along the path, the classic alternative,
+# only shows the network y through the noise; lab record, "Editing".)
+# The result's known pixels are then set to y exactly.
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def invert(velocity, z, steps):
+    """x_0 from the sprite z (B, 4, 128, 128): Heun on the time grid run from t=1 to t=0."""
+    return sample_heun(velocity, z, steps, ts=time_grid(steps)[::-1])
+
+
+def slerp(a, b, s):
+    """Spherical interpolation between noises a and b (B, ...) at s in [0, 1], norm linear in s."""
+    na, nb = a.flatten(1).norm(dim=1), b.flatten(1).norm(dim=1)  # (B,)
+    ua, ub = a / expand(na, a), b / expand(nb, b)
+    theta = torch.arccos((ua * ub).flatten(1).sum(1).clamp(-1, 1))  # (B,)
+    sin = torch.sin(theta).clamp(min=1e-8)
+    direction = expand(torch.sin((1 - s) * theta) / sin, a) * ua + expand(torch.sin(s * theta) / sin, a) * ub
+    return expand((1 - s) * na + s * nb, a) * direction
+
+
+@torch.no_grad()
+def inpaint(clean, sched, y, m, x, steps, method="z"):
+    """Repaint where m = 1 (B, 1, 128, 128) in the sprite y, from noise x. method "z"
+    overwrites the guess z_hat (above), "renoise" puts the known part of x_t back on
+    the path alpha_t y + beta_t x_0, "both" does both."""
+    ts, x0 = time_grid(steps), x
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        if method in ("renoise", "both"):
+            x = m * x + (1 - m) * sample_path(y, at(x, t), x0, sched)
+        held = (lambda x_, t_: m * clean(x_, t_) + (1 - m) * y) if method in ("z", "both") else clean
+        x = sample_heun(velocity_of(held, sched), x, 1, ts=[t, t_next])
+    return x
+
+
+def read_sprite(path, device):
+    """A sprite file as float (1, 4, 128, 128) in [-1, 1], or one sentence."""
+    try:
+        return to_float(torch.from_numpy(load_rgba(path)).permute(2, 0, 1)[None]).to(device)
+    except Exception as e:
+        raise UserError(f"cannot read sprite '{path}': {e}")
+
+
+def cmd_edit(args, model, guide, ckpt, labels, w, grid, device):
+    """sample --edit SPRITE --mask MASK: --n variations of the sprite, repainted under the mask."""
+    if not args.mask:
+        raise UserError("--edit needs --mask, an image whose opaque or white pixels mark what to repaint")
+    y = read_sprite(args.edit, device).expand(args.n, -1, -1, -1)
+    mask = read_sprite(args.mask, device)
+    m = ((mask[:, 3:] > 0) & (mask[:, :3].amax(1, keepdim=True) > -0.9)).float()  # (1, 1, 128, 128)
+    if not m.any():
+        raise UserError(f"mask '{args.mask}' marks no pixels; paint what to repaint in white (any opaque, non-black colour)")
+    x = torch.randn(args.n, 4, 128, 128, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    c = labels.to(device) if labels is not None else None
+    z = inpaint(guided_clean(model, c, w, guide), model.schedule, y, m, x, args.steps)
+    keep = (m[0, 0] == 0).cpu()[None, :, :, None]  # (1, 128, 128, 1)
+    sprites = torch.where(keep, to_uint8(y), to_uint8(snap_to_grid(z, grid)))  # known pixels: exactly the input's
+    out = fresh_folder(args.out)
+    write_sprites(out, torch.cat([to_uint8(y[:1]), sprites]))
+    print(f"wrote the sprite (sprite_000.png) and {args.n} repainted variations to {out}")
+
+
+def noise_for(spec, model, device, steps):
+    """The noise (1, 4, 128, 128) of an integer seed, or of a sprite file by inversion."""
+    if spec.lstrip("-").isdigit():
+        return torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(int(spec))).to(device)
+    return invert(velocity_of(guided_clean(model), model.schedule), read_sprite(spec, device), steps)
+
+
+def cmd_invert(args):
+    """invert SPRITE: the round trip sprite -> noise -> sprite, its RMS error and a picture."""
+    device, model, _, ckpt, path = sampling_setup(args)
+    z = read_sprite(args.sprite, device)
+    velocity = velocity_of(guided_clean(model), model.schedule)
+    x0 = invert(velocity, z, args.steps)
+    back = sample_heun(velocity, x0, args.steps)
+    rms = (back - z).pow(2).mean().sqrt().item()
+    out = fresh_folder(args.out)
+    sprite_sheet(torch.cat([to_uint8(z), to_uint8(x0.clamp(-3, 3) / 3, binary_alpha=False), to_uint8(snap_to_grid(back, ckpt["grid"]))]),
+                 cols=3).save(out / "roundtrip.png")
+    torch.save(x0.cpu(), out / "noise.pt")
+    print(f"round trip of {args.sprite} ({args.steps} Heun steps each way): RMS error {rms:.4f} in [-1, 1] units, "
+          f"noise norm {x0.norm().item():.0f} (a Gaussian's: {math.sqrt(x0.numel()):.0f}); wrote roundtrip.png "
+          f"(sprite, noise, reconstruction) and noise.pt to {out}")
+
+
+def cmd_interpolate(args):
+    """interpolate A B: sprites along the slerp between two noises, as a GIF and a strip."""
+    check_numbers(args, positive=("frames",))
+    device, model, _, ckpt, path = sampling_setup(args)
+    a, b = (noise_for(spec, model, device, args.steps) for spec in (args.a, args.b))
+    s = torch.linspace(0, 1, max(args.frames, 2), device=device)
+    noise = torch.cat([slerp(a, b, float(k)) for k in s])  # (frames, 4, 128, 128)
+    sprites = generate(model, len(noise), args.steps, device=device, grid=ckpt["grid"], noise=noise)
+    out = fresh_folder(args.out)
+    sprite_sheet(sprites, cols=len(sprites)).save(out / "strip.png")
+    sheets = [sprite_sheet(sp[None], cols=1, scale=2) for sp in sprites]
+    sheets[0].save(out / "morph.gif", save_all=True, append_images=sheets[1:] + sheets[::-1], duration=120, loop=0)
+    print(f"wrote strip.png and morph.gif ({len(sprites)} sprites from {args.a} to {args.b}) to {out}")
+
+
+# -----------------------------------------------------------------------------
+# 9. Command line: train, sample, invert, interpolate, plot, bench
+#
+#   train        section 7, with every TrainConfig field as a --flag.
+#   sample       integrates dX = u_w(X, t) dt (or the SDE) from X_0 ~ N(0, I) with
+#                the EMA weights of a checkpoint (default: the newest .pt under
+#                runs/), guided (section 5), snapped to the data's pixel grid.
+#                --edit/--mask repaint part of a sprite (section 8).
+#   invert       sprite -> noise -> sprite, and how close the round trip lands.
+#   interpolate  a morph between two sprites or seeds along a slerp of their noise.
+#   plot         training_log.csv -> PNG on a log scale (losses span ~100x).
+#   bench        training and sampling speed on this device, fp32 and bf16.
 #
 # Every user mistake raises UserError, which main() prints as one line
 # ("error: ...") with exit status 2; argparse reports bad flags the same way.
 # -----------------------------------------------------------------------------
+
+CFG_GUIDANCE, AUTO_GUIDANCE = 2.0, 2.0  # default w for classifier-free and autoguidance
 
 
 def newest_checkpoint(root="runs"):
     """The most recently written .pt under root: usually the running or last run's last.pt."""
     found = sorted(Path(root).rglob("*.pt"), key=lambda p: p.stat().st_mtime) if Path(root).is_dir() else []
     if not found:
-        raise UserError(f"no checkpoint found under '{root}/'; train first or pass --checkpoint")
+        raise UserError(f"no checkpoint found under '{root}/'; train first (the first checkpoint comes at step 250) or pass --checkpoint")
     return found[-1]
 
 
-def cmd_sample(args):
-    """Write --n sprites as RGBA PNGs plus a grid sheet (and optionally the trajectory)."""
-    if args.n <= 0 or args.steps <= 0 or args.grid_shift <= 0:
-        raise UserError("--n, --steps and --grid-shift must be positive")
+def fresh_folder(path):
+    """`path`, or path-2, path-3, ... if it already holds files: output never overwrites."""
+    path = Path(path)
+    candidates = [path] + [Path(f"{path}-{k}") for k in range(2, 10000)]
+    out = next(p for p in candidates if not p.exists() or (p.is_dir() and not any(p.iterdir())))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to '{out}': {e.strerror or e}")
+    return out
+
+
+def check_numbers(args, positive=(), non_negative=()):
+    """Finite, and positive or at least zero, or one sentence."""
+    for name in positive + non_negative:
+        value = getattr(args, name)
+        if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and name in positive)):
+            raise UserError(f"--{name.replace('_', '-')} must be a {'positive' if name in positive else 'non-negative'} finite number, got {value}")
+
+
+def sampling_setup(args):
+    """(device, model, guide, checkpoint, checkpoint path) for the sampling commands."""
     device = pick_device(args.device)
     path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
-    model = load_model_from_checkpoint(path, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    model, guide, ckpt = load_models(path, device, args.ema)
+    return device, model, guide, ckpt, path
+
+
+def sample_plan(ckpt, guide, n, class_names="", guidance=None):
+    """(labels or None, w) for n samples of a checkpoint: its classes spread as in its
+    training set (or the named ones), and the default guidance weight for its kind."""
+    labels = class_plan(n, ckpt["classes"], ckpt["class_counts"], class_names.split(",") if class_names else None) if ckpt["classes"] else None
+    w = guidance if guidance is not None else CFG_GUIDANCE if labels is not None else AUTO_GUIDANCE if guide else 1.0
+    return labels, w
+
+
+def cmd_sample(args):
+    """Sprites as RGBA PNGs, grid.png (checkerboard, one row per class) and sheet.png +
+    sheet.json (transparent, for game engines); --native adds sprites at the art's own size."""
+    check_numbers(args, positive=("n", "steps", "grid_shift"), non_negative=("sigma", "guidance"))
+    device, model, guide, ckpt, path = sampling_setup(args)
+    if args.class_names and not ckpt["classes"]:
+        raise UserError(f"checkpoint '{path}' was trained without classes, so --class cannot be used")
+    labels, w = sample_plan(ckpt, guide, args.n, args.class_names, args.guidance)
+    grid = 1 if args.no_snap else ckpt["grid"]
+    if args.edit:
+        return cmd_edit(args, model, guide, ckpt, labels, w, grid, device)
     frames = [] if args.trajectory else None
     t0 = time.time()
-    sprites = generate(model, args.n, args.steps, args.sampler, args.seed, device, sigma=args.sigma, frames=frames,
-                       grid_shift=args.grid_shift)
-    for i, sprite in enumerate(sprites):
-        Image.fromarray(sprite.numpy(), "RGBA").save(out / f"sprite_{i:03d}.png")
-    sprite_sheet(sprites).save(out / "grid.png")
-    print(f"wrote {len(sprites)} sprites and grid.png to {out} from {path} "
-          f"({args.sampler}, {args.steps} steps, {time.time() - t0:.1f} s)")
+    sprites = generate(model, args.n, args.steps, args.sampler, args.seed, device, labels, w, guide, grid, sigma=args.sigma,
+                       frames=frames, grid_shift=args.grid_shift)
+    out = fresh_folder(args.out)
+    write_sprites(out, sprites, [ckpt["classes"][k] for k in labels] if labels is not None else None, grid if args.native else 0)
+    print(f"wrote {len(sprites)} sprites, grid.png and sheet.png to {out} from {path} ({args.sampler}, {args.steps} steps, "
+          f"guidance {w:g}{' (classifier-free)' if labels is not None else ' (autoguidance)' if guide else ''}, grid {grid}, "
+          f"{time.time() - t0:.1f} s)")
     if frames is not None:
         write_trajectory(model, frames, args.steps, out, args.grid_shift)
 
 
+def write_sprites(out, sprites, names=None, native=0):
+    """sprite_NNN.png, grid.png with one row per class, sheet.png/sheet.json with the same
+    layout on a transparent background, and with native = k the k-times-smaller sprites."""
+    rows = [[i for i, n in enumerate(names) if n == c] for c in dict.fromkeys(names)] if names else [list(range(len(sprites)))]
+    cols = max(map(len, rows)) if names else math.ceil(math.sqrt(len(sprites)))
+    cells = [row[j:j + cols] + [None] * (cols - len(row[j:j + cols])) for row in rows for j in range(0, len(row), cols)]
+    order = [i for row in cells for i in row]
+    blank = torch.zeros_like(sprites[0])
+    tiles = torch.stack([sprites[i] if i is not None else blank for i in order])  # (rows * cols, 128, 128, 4)
+    for i, sprite in enumerate(sprites):
+        Image.fromarray(sprite.numpy(), "RGBA").save(out / f"sprite_{i:03d}.png")
+        if native:
+            (out / "native").mkdir(exist_ok=True)
+            Image.fromarray(sprite[::native, ::native].numpy(), "RGBA").save(out / "native" / f"sprite_{i:03d}.png")
+    sprite_sheet(tiles, cols=cols).save(out / "grid.png")
+    h, w = sprites.shape[1:3]
+    sheet = tiles.reshape(len(cells), cols, h, w, 4).permute(0, 2, 1, 3, 4).reshape(len(cells) * h, cols * w, 4)
+    Image.fromarray(sheet.numpy(), "RGBA").save(out / "sheet.png")
+    frames = [{"x": (k % cols) * w, "y": (k // cols) * h, "file": f"sprite_{i:03d}.png", **({"class": names[i]} if names else {})}
+              for k, i in enumerate(order) if i is not None]
+    (out / "sheet.json").write_text(json.dumps({"image": "sheet.png", "frame_width": w, "frame_height": h, "columns": cols,
+                                                "rows": len(cells), "frames": frames}, indent=1))
+
+
 @torch.no_grad()
 def write_trajectory(model, frames, steps, out, grid_shift=1.0, count=4, n_frames=9):
-    """A GIF and a PNG of the first few sprites flowing from noise to data. Each row is
-    one time t: on the left the state x_t, on the right the network's guess z_hat(x_t, t)
-    of where it is heading. The guesses show when a sprite's layout and colours are
-    decided; x_t only shows it once the noise has faded. Only the last x_t is snapped
-    to binary alpha; the rest are shown as they are."""
+    """A GIF and a PNG of the first sprites flowing from noise to data. Each row is one
+    time t: on the left the state x_t, on the right the network's guess z_hat(x_t, t) of
+    where it is heading, which shows when a sprite's layout and colours are decided."""
     ts = time_grid(steps, grid_shift)
     picks = sorted({round(k * steps / (n_frames - 1)) for k in range(n_frames)})
     rows = []
     for i in picks:
         x = frames[i][:count]
-        with autocast(x.device):
-            z_hat = model.clean(x, at(x, ts[i])).float()
+        z_hat = model.clean(x, at(x, ts[i])).float()
         rows.append(torch.cat([to_uint8(x, binary_alpha=(i == steps)), to_uint8(z_hat, binary_alpha=False)]))
     sheets = [sprite_sheet(row, cols=2 * count) for row in rows]
     sheets[0].save(out / "trajectory.gif", save_all=True, append_images=sheets[1:] + [sheets[-1]] * 3, duration=300, loop=0)
@@ -1212,55 +1711,77 @@ def cmd_plot(args):
         raise UserError(f"'{log_path}' does not exist; point plot at a run folder")
     with open(log_path) as f:
         rows = list(csv.DictReader(f))
+
+    def number(text):
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return math.nan
+
     names = ["loss"] + [f"loss_t{k}" for k in range(T_BUCKETS)] + ["val_loss"]
-    series = {name: [(float(r["step"]), float(r[name])) for r in rows if r.get(name) and float(r[name]) > 0] for name in names}
-    series = {name: pts for name, pts in series.items() if pts}
+    series = {n: [(number(r["step"]), number(r.get(n))) for r in rows] for n in names}
+    series = {n: [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y) and y > 0] for n, pts in series.items()}
+    series = {n: pts for n, pts in series.items() if pts}
     if not series:
-        raise UserError(f"'{log_path}' has no rows yet")
+        raise UserError(f"'{log_path}' has no finite losses yet")
     out = Path(args.out) if args.out else run_dir / "training_log.png"
-    plot_log_scale(series, out, title=f"{run_dir}")
+    try:
+        plot_log_scale(series, out, title=f"{run_dir}")
+    except OSError as e:
+        raise UserError(f"cannot write '{out}': {e.strerror or e}")
     print(f"wrote {out}")
 
 
 def plot_log_scale(series, out, title="", size=(900, 560)):
-    """Line chart with a log-scale y axis, drawn with Pillow alone."""
+    """Line chart with a log-scale y axis, drawn with Pillow alone; a lone point is a dot."""
     (W, H), (left, right, top, bottom) = size, (70, 170, 30, 50)
     img = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [math.log10(y) for pts in series.values() for _, y in pts]
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = math.floor(min(ys) * 4) / 4, math.ceil(max(ys) * 4) / 4 + 1e-9
+    y0, y1 = math.floor(min(ys) * 4) / 4, math.ceil(max(ys) * 4) / 4 + 0.25
 
     def px(x, y):
         return (left + (x - x0) / (x1 - x0) * (W - left - right), H - bottom - (math.log10(y) - y0) / (y1 - y0) * (H - top - bottom))
 
     for k in range(math.floor(y0), math.ceil(y1) + 1):  # decades and their 2x, 5x ticks
         for m in (1, 2, 5):
-            v = m * 10.0**k
-            if y0 <= math.log10(v) <= y1:
-                _, y = px(x0, v)
+            if y0 <= math.log10(m * 10.0**k) <= y1:
+                _, y = px(x0, m * 10.0**k)
                 draw.line([(left, y), (W - right, y)], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
-                draw.text((5, y - 6), f"{v:g}", fill="black", font=font)
-    for x in np.linspace(x0, x1, 6):
-        draw.text((px(x, 10**y0)[0] - 10, H - bottom + 8), f"{x:.0f}", fill="black", font=font)
+                draw.text((5, y - 6), f"{m * 10.0**k:g}", fill="black", font=font)
+    for x in sorted({round(v) for v in np.linspace(x0, x1, 6)}):  # distinct whole steps
+        draw.text((px(x, 10**y0)[0] - 10, H - bottom + 8), f"{x}", fill="black", font=font)
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     draw.text((left, 8), f"{title}  (log scale; x: step)", fill="black", font=font)
     colors = [(31, 119, 180), (230, 159, 0), (86, 180, 233), (0, 158, 115), (213, 94, 0), (204, 121, 167), (200, 0, 0)]
     for i, (name, pts) in enumerate(series.items()):
-        color = colors[i % len(colors)]
-        draw.line([px(x, y) for x, y in pts], fill=color, width=3 if name in ("loss", "val_loss") else 1)
+        color, points = colors[i % len(colors)], [px(x, y) for x, y in pts]
+        draw.line(points, fill=color, width=3 if name in ("loss", "val_loss") else 1)
+        for x, y in points if len(points) < 3 else []:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         draw.line([(W - right + 10, top + 16 * i + 6), (W - right + 30, top + 16 * i + 6)], fill=color, width=3)
         draw.text((W - right + 36, top + 16 * i), name, fill="black", font=font)
     img.save(out)
 
 
-def peak_memory_mb(device):
-    """Peak memory so far: the CUDA allocator's high-water mark, or on CPU the
-    process's peak resident set size (everything Python and torch hold)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def time_train_steps(cfg, device, steps, batch_size, bf16):
+    """Images/s of full training steps (forward, backward, AdamW, EMA) after one untimed step."""
+    torch.manual_seed(0)
+    model = build_model(cfg, device).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    net = torch.compile(model) if cfg.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    z = to_float(torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8)).to(device)
+    for i in range(steps + 1):
+        if i == 1:  # the first step pays for allocation and kernel selection
+            sync(device)
+            start = time.time()
+        train_step(net, model, opt, z, torch.rand(batch_size, device=device), torch.randn_like(z), None, cfg, autocast(device, bf16), 1e-4)
+        ema_update([ema], model, i + 1, [ema_gamma(0.1)])
+    sync(device)
+    return steps * batch_size / (time.time() - start), sum(p.numel() for p in model.parameters()), model
 
 
 def sync(device):
@@ -1269,122 +1790,51 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_train_steps(cfg, device, steps, batch_size):
-    """Images/s of full training steps (forward, backward, AdamW, EMA) after one warm-up step."""
-    torch.manual_seed(0)
-    model = build_model(cfg, device).to(device)
-    ema_model = copy.deepcopy(model).requires_grad_(False)
-    net = torch.compile(model) if cfg.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    data = torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8, device=device)
-    amp = autocast(device, cfg.bf16)
-    for i in range(steps + 1):
-        if i == 1:  # the first step pays for allocation and kernel selection: not timed
-            sync(device)
-            start = time.time()
-        z = to_float(data)
-        train_step(net, model, ema_model, opt, z, torch.rand(batch_size, device=device), torch.randn_like(z), cfg, amp, i)
-    sync(device)
-    return steps * batch_size / (time.time() - start), sum(p.numel() for p in model.parameters()), model
-
-
-@torch.no_grad()
-def sampler_errors(model, device, n=16, step_counts=(5, 10, 20, 30, 50, 100, 200), ref_steps=500):
-    """RMS distance (in [-1, 1] pixel units) of Euler and Heun endpoints from a
-    500-step Heun solution started at the same noise: the ODE's own error,
-    which needs no external network to measure."""
-    model.eval()
-    x0 = torch.randn(n, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device)
-    reference = sample_heun(model.velocity, x0, ref_steps)
-    rows = []
-    for steps in step_counts:
-        row = {"steps": steps}
-        for name, fn in (("euler", sample_euler), ("heun", sample_heun)):
-            row[name] = (fn(model.velocity, x0, steps) - reference).pow(2).mean().sqrt().item()
-        rows.append(row)
-        print(f"{steps:4d} steps: euler {row['euler']:.4f}  heun {row['heun']:.4f}  (RMS vs {ref_steps}-step heun)", file=sys.stderr)
-    return rows
-
-
-@torch.no_grad()
-def denoising_errors(model, sprites, device, times=(0.1, 0.2, 0.3, 0.5, 0.7, 0.9)):
-    """MSE of the one-shot clean-sprite estimate z_hat(x_t, t) against z, per t, on
-    real sprites: where along the path the model is still wrong. An ODE keeps
-    whatever z_hat decides at small t, so errors there become the samples' errors."""
-    model.eval()
-    z = to_float(sprites).to(device)  # (N, 4, 128, 128)
-    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    rows = []
-    for t0 in times:
-        t = at(z, t0)
-        x_t = sample_path(z, t, eps, model.schedule)
-        z_hat = model.clean(x_t, t)
-        rows.append({"t": t0, "mse": (z_hat - z).pow(2).mean().item()})
-        print(f"t = {t0:.1f}: one-shot denoising MSE {rows[-1]['mse']:.4f}", file=sys.stderr)
-    return rows
-
-
-def pixel_art_stats(images, block=4):
-    """Two weight-free quality proxies for sprites drawn in `block`-pixel blocks, from uint8
-    (N, H, W, 4): flatness, the share of side-by-side opaque blocks whose colours differ
-    by at most 24 in every channel (clean colour regions score high, speckle low), and
-    colours, the mean number of distinct colours per sprite at 8 levels per channel."""
-    g = images[:, block // 2::block, block // 2::block].long()  # (N, H/block, W/block, 4)
-    opaque, rgb = g[..., 3] > 127, g[..., :3]
-    same = pairs = 0
-    for a, b, both in ((rgb[:, :, 1:], rgb[:, :, :-1], opaque[:, :, 1:] & opaque[:, :, :-1]),
-                       (rgb[:, 1:], rgb[:, :-1], opaque[:, 1:] & opaque[:, :-1])):
-        pairs += both.sum().item()
-        same += (((a - b).abs().amax(-1) <= 24) & both).sum().item()
-    colours = [len(torch.unique(rgb[k][opaque[k]] // 32, dim=0)) for k in range(len(g))]
-    return {"flatness": round(same / max(pairs, 1), 3), "colours": round(sum(colours) / len(colours), 1)}
-
-
 def cmd_bench(args):
-    """Measure the default model on this device; the last printed line is JSON."""
-    cfg = TrainConfig(bf16=args.bf16, compile=args.compile)
-    device = pick_device(args.device)
-    batch = args.batch_size
-    train_img_s, n_params, model = time_train_steps(cfg, device, args.steps, batch)
-    print(f"default ({cfg.channels}, unshuffle {model.stem[0].downscale_factor}, {n_params / 1e6:.1f}M params): "
-          f"{train_img_s:.1f} train img/s", file=sys.stderr)
-    sync(device)
-    t0 = time.time()
-    generate(model, batch, cfg.sample_steps, "heun", 0, device)
-    sync(device)
-    sample_img_s = batch / (time.time() - t0)
-    print(f"sampling: {sample_img_s:.2f} img/s (heun, {cfg.sample_steps} steps, batch {batch})", file=sys.stderr)
+    """Speed of the default model on this device, in fp32 and (where it can pay) bf16,
+    and the bf16 choice train would make; the last printed line is JSON."""
+    cfg, device, batch, result = TrainConfig(compile=args.compile), pick_device(args.device), args.batch_size, {}
+    precisions = [False, True] if device.type == "cuda" or cpu_has_bf16() else [False]
+    for bf16 in precisions:
+        img_s, n_params, model = time_train_steps(cfg, device, args.steps, batch, bf16)
+        t0 = time.time()
+        generate(model, batch, cfg.sample_steps, device=device, bf16=bf16)
+        sync(device)
+        name = "bf16" if bf16 else "fp32"
+        result.update({f"train_img_s_{name}": round(img_s, 2), f"sample_img_s_{name}": round(batch / (time.time() - t0), 3)})
+        print(f"{name}: {img_s:.1f} train img/s, {result[f'sample_img_s_{name}']} sample img/s (heun, {cfg.sample_steps} steps, batch {batch})", file=sys.stderr)
     peak_mb = peak_memory_mb(device)  # before the full-resolution run, which needs far more
-    # Full resolution: same widths, no pixel-unshuffle. A batch of 8 keeps its
-    # activations (16x larger) in memory; images/s barely depends on batch size here.
-    full = dataclasses.replace(cfg, unshuffle=1)
-    full_img_s, full_params, _ = time_train_steps(full, device, max(1, args.steps // 4), min(batch, 8))
-    print(f"full resolution (unshuffle 1, {full_params / 1e6:.1f}M params): {full_img_s:.2f} train img/s", file=sys.stderr)
-    errors = denoise = art = None
-    if args.checkpoint:
-        trained = load_model_from_checkpoint(args.checkpoint, device)
-        errors = sampler_errors(trained, device)
-        sprites = load_folder(args.data)[0][-64:]  # (64, 4, 128, 128) uint8
-        denoise = denoising_errors(trained, sprites, device)
-        art = {"data": pixel_art_stats(sprites.permute(0, 2, 3, 1)),
-               "samples": pixel_art_stats(generate(trained, 64, cfg.sample_steps, "heun", 7, device))}
-        print(f"pixel-art stats, 64 sprites: {art}", file=sys.stderr)
-    print(json.dumps({"device": str(device), "train_img_s": round(train_img_s, 2), "full_res_train_img_s": round(full_img_s, 3),
-                      "speedup": round(train_img_s / full_img_s, 1), "sample_img_s": round(sample_img_s, 3),
-                      "peak_mem_mb": round(peak_mb), "batch_size": batch, "params_m": round(n_params / 1e6, 2),
-                      "bf16": cfg.bf16 or device.type == "cuda", "threads": torch.get_num_threads(),
-                      **({"sampler_rms_error": errors, "denoising_mse": denoise, "pixel_art": art} if errors else {})}))
+    full_img_s = time_train_steps(dataclasses.replace(cfg, unshuffle=1), device, max(1, args.steps // 4), min(batch, 8), False)[0]
+    print(f"full resolution (no pixel-unshuffle), fp32: {full_img_s:.2f} train img/s", file=sys.stderr)
+    use, why = decide_bf16(None, device, model)
+    print(f"train would use bf16: {use} ({why})", file=sys.stderr)
+    print(json.dumps({"device": str(device), "cpu": cpu_name(), "threads": torch.get_num_threads(), "batch_size": batch,
+                      "params_m": round(n_params / 1e6, 2), **result, "train_img_s": result["train_img_s_bf16" if use else "train_img_s_fp32"],
+                      "full_res_train_img_s": round(full_img_s, 3), "peak_mem_mb": round(peak_mb), "bf16_chosen": use, "bf16_why": why}))
 
 
-def add_config_arguments(parser):
-    """One --flag per TrainConfig field, with the field's default and help text."""
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type is bool or field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=field.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
-            parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"], choices=field.metadata["choices"])
+def cpu_name():
+    """The CPU's model name and family from /proc/cpuinfo (where there is one)."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        return f"{info['model name'].strip()}, family {info['cpu family'].strip()}, model {info['model'].strip()}"
+    except (OSError, KeyError):
+        return "unknown"
+
+
+def peak_memory_mb(device):
+    """Peak memory: the CUDA allocator's high-water mark, or the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds '(default: X)' to help text that does not already say what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text or action.default in (None, "", False) else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -1394,45 +1844,74 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def add_config_arguments(parser):
+    """One --flag per TrainConfig field, with the field's default and help text."""
+    for field in dataclasses.fields(TrainConfig):
+        flag, meta = "--" + field.name.replace("_", "-"), field.metadata
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=meta["help"])
+        else:
+            parser.add_argument(flag, type=field.type, default=field.default, help=meta["help"], choices=meta["choices"])
+
+
+def build_parser():
+    parser = Parser(prog="spriteflow.py", description="Flow matching for pixel-art sprites.", formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_config_arguments(sub.add_parser("train", help="train a model", formatter_class=HelpFormatter))
+    commands = {name: sub.add_parser(name, help=text, formatter_class=HelpFormatter) for name, text in [
+        ("sample", "draw sprites from a checkpoint"), ("invert", "sprite -> noise -> sprite: the ODE run both ways"),
+        ("interpolate", "morph between two sprites or seeds"), ("plot", "draw training_log.csv as a PNG (log scale)"),
+        ("bench", "measure training and sampling speed")]}
+    for name in ("sample", "invert", "interpolate"):
+        p = commands[name]
+        p.add_argument("--checkpoint", default="", help="checkpoint file (default: the newest .pt under runs/)")
+        p.add_argument("--ema", default=None, help="which kept EMA length to use (default: the first)")
+        p.add_argument("--steps", type=int, default=20, help="integration steps")
+        p.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
+        p.add_argument("--out", default=name if name != "sample" else "samples",
+                       help="output folder; if it already holds files, the next free OUT-2, OUT-3, ... is used")
+    p = commands["sample"]
+    p.add_argument("--n", type=int, default=16, help="number of sprites")
+    p.add_argument("--class", dest="class_names", default="", help="class name or comma list (default: all, in proportion to the training set)")
+    p.add_argument("--guidance", type=float, default=None, help=f"guidance weight w; 1 = none (default: {CFG_GUIDANCE:g} with classes, {AUTO_GUIDANCE:g} with a guide)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="heun", help="ODE (euler, heun) or SDE sampler")
+    p.add_argument("--sigma", type=float, default=1.0, help="SDE noise scale: sigma_t = sigma * beta_t (larger: flatter but simpler sprites)")
+    p.add_argument("--grid-shift", type=float, default=1.0, help="warp s of the time grid, t -> t / (t + s (1 - t)); 1 = uniform")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--no-snap", action="store_true", help="do not snap samples to the training data's pixel grid")
+    p.add_argument("--native", action="store_true", help="also write each sprite at its art's native size into OUT/native")
+    p.add_argument("--trajectory", action="store_true", help="also write trajectory.gif/.png: noise (t=0) to sprite (t=1)")
+    p.add_argument("--edit", default="", help="a sprite to repaint in part (needs --mask)")
+    p.add_argument("--mask", default="", help="PNG whose opaque, non-black pixels mark what --edit repaints")
+    commands["invert"].add_argument("sprite", help="sprite image file")
+    commands["interpolate"].add_argument("a", help="sprite file or integer seed")
+    commands["interpolate"].add_argument("b", help="sprite file or integer seed")
+    commands["interpolate"].add_argument("--frames", type=int, default=9, help="sprites along the way, ends included")
+    commands["plot"].add_argument("run_dir", nargs="?", default="", help="run folder (default: the newest under runs/)")
+    commands["plot"].add_argument("--out", default="", help="PNG path (default: RUN_DIR/training_log.png)")
+    p = commands["bench"]
+    p.add_argument("--steps", type=int, default=8, help="timed training steps")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="batch size (default: the training default)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return parser
+
+
 def main(argv=None):
     """Parse the command line and run one subcommand; returns the exit status."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = Parser(prog="spriteflow.py", description="Flow matching for pixel-art sprites.", formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train a model", formatter_class=fmt)
-    add_config_arguments(p_train)
-    p_sample = sub.add_parser("sample", help="draw sprites from a checkpoint", formatter_class=fmt)
-    p_sample.add_argument("--checkpoint", default="", help="checkpoint file (default: the newest .pt under runs/)")
-    p_sample.add_argument("--n", type=int, default=16, help="number of sprites")
-    p_sample.add_argument("--steps", type=int, default=20, help="integration steps")
-    p_sample.add_argument("--sampler", choices=SAMPLERS, default="heun", help="ODE (euler, heun) or SDE sampler")
-    p_sample.add_argument("--sigma", type=float, default=1.0, help="SDE noise scale: sigma_t = sigma * beta_t (larger: flatter but simpler sprites)")
-    p_sample.add_argument("--grid-shift", type=float, default=1.0, help="warp s of the sampler's time grid, t -> t / (t + s (1 - t)); 1 = uniform")
-    p_sample.add_argument("--seed", type=int, default=0, help="noise seed")
-    p_sample.add_argument("--out", default="samples", help="output folder")
-    p_sample.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
-    p_sample.add_argument("--trajectory", action="store_true", help="also write trajectory.gif/.png: noise (t=0) to sprite (t=1)")
-    p_plot = sub.add_parser("plot", help="draw training_log.csv as a PNG (log scale)", formatter_class=fmt)
-    p_plot.add_argument("run_dir", nargs="?", default="", help="run folder (default: the newest under runs/)")
-    p_plot.add_argument("--out", default="", help="PNG path (default: RUN_DIR/training_log.png)")
-    p_bench = sub.add_parser("bench", help="measure training and sampling speed of the default model", formatter_class=fmt)
-    p_bench.add_argument("--steps", type=int, default=8, help="timed training steps")
-    p_bench.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="batch size (default: the training default)")
-    p_bench.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
-    p_bench.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
-    p_bench.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p_bench.add_argument("--checkpoint", default="", help="also measure Euler/Heun error vs a 500-step Heun reference, denoising error per t and pixel-art stats")
-    p_bench.add_argument("--data", default="data/images", help="sprites for the denoising error (the last 64 files)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # one line, no source echo
     try:
         if args.command == "train":
             train(TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}))
         else:
-            {"sample": cmd_sample, "plot": cmd_plot, "bench": cmd_bench}[args.command](args)
+            {"sample": cmd_sample, "invert": cmd_invert, "interpolate": cmd_interpolate, "plot": cmd_plot, "bench": cmd_bench}[args.command](args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"\nerror: {e}" if args.command == "train" and sys.stderr.isatty() else f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nstopped without saving; a run keeps its last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

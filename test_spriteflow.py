@@ -8,6 +8,7 @@ training, checkpoints and the command line. Part 4 (further down) covers fid.py.
 Run with:  python -m pytest -q
 """
 
+import csv
 import json
 import math
 import os
@@ -141,9 +142,9 @@ def test_data_loss_is_the_velocity_loss_with_a_capped_weight(name, t0, seed, cap
     t = torch.full((2,), t0)
     x = sf.sample_path(z, t, eps, name)
     velocity_loss = (sf.velocity_from_data(z_hat, x, t, name) - sf.velocity_from_data(z, x, t, name)).pow(2).flatten(1).mean(1)
-    loss = sf.flow_matching_loss(lambda x_t, t_: z_hat, z, t, eps, "data", name)
+    loss = sf.flow_matching_loss(lambda x_t, t_, c: z_hat, z, t, eps, None, "data", name)
     assert torch.allclose(loss, velocity_loss, rtol=1e-4)
-    capped = sf.flow_matching_loss(lambda x_t, t_: z_hat, z, t, eps, "data", name, weight_cap=cap)
+    capped = sf.flow_matching_loss(lambda x_t, t_, c: z_hat, z, t, eps, None, "data", name, weight_cap=cap)
     x_loss = (z_hat - z).pow(2).flatten(1).mean(1)
     assert torch.allclose(capped, torch.minimum(loss, cap * x_loss), rtol=1e-5)
 
@@ -269,30 +270,52 @@ def test_sde_stays_finite_near_the_data_end(name):
 # -----------------------------------------------------------------------------
 
 
-def test_ema_decay_warms_up_and_update_is_exact():
-    """d_k = min(d, (1 + k)/(10 + k)); theta_ema <- d theta_ema + (1 - d) theta."""
-    assert sf.ema_decay(0, 0.999) == pytest.approx(0.1)
-    assert sf.ema_decay(90, 0.999) == pytest.approx(91 / 100)
-    assert sf.ema_decay(10**6, 0.999) == 0.999
-    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    before = [p.detach().clone() for p in ema.parameters()]
-    d = sf.ema_update(ema, model, 5, 0.999)
-    assert d == pytest.approx(6 / 15)
-    for e, b, p in zip(ema.parameters(), before, model.parameters()):
-        assert torch.allclose(e, d * b + (1 - d) * p)
+@given(st.floats(0.02, 0.28))
+def test_power_ema_gamma_has_the_asked_relative_length(sigma_rel):
+    """The weights tau^gamma on [0, 1] have relative standard deviation sigma_rel:
+    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)); and sigma_rel = 0.10 gives
+    EDM2's gamma = 6.94."""
+    gamma = sf.ema_gamma(sigma_rel)
+    assert (gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)) == pytest.approx(sigma_rel**2, rel=1e-9)
+    assert sf.ema_gamma(0.10) == pytest.approx(6.94, abs=0.01)
 
 
-@given(st.integers(1, 500), st.integers(501, 5000), st.floats(1e-5, 1e-2))
-def test_lr_schedule_warmup_then_cosine(warmup, max_steps, base):
-    """LR rises linearly to the peak over `warmup` steps, then decays monotonically by a
-    cosine to 10% of the peak at max_steps."""
-    lrs = [sf.lr_at(k, base, warmup, max_steps) for k in range(max_steps + 1)]
-    assert lrs[0] == pytest.approx(base / warmup)
-    assert lrs[warmup - 1] == pytest.approx(base)
-    assert lrs[max_steps] == pytest.approx(0.1 * base)
-    assert all(a >= b - 1e-15 for a, b in zip(lrs[warmup - 1:], lrs[warmup:]))
-    mid = warmup + (max_steps - warmup) // 2
-    assert lrs[mid] == pytest.approx(base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (mid - warmup) / (max_steps - warmup)))))
+def test_power_ema_is_the_tau_power_weighted_mean_of_all_steps():
+    """After T updates with beta_t = (1 - 1/t)^(gamma + 1) the average equals
+    sum_t t^gamma theta_t / sum_t t^gamma to first order, and it equals theta_1 after
+    the first update (beta_1 = 0): a power EMA needs no warm-up."""
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    gamma, thetas = 3.0, torch.linspace(0, 1, 400)
+    for t, theta in enumerate(thetas, start=1):
+        model.weight.data.fill_(theta)
+        sf.ema_update([ema], model, t, [gamma])
+        if t == 1:
+            assert ema.weight.item() == pytest.approx(thetas[0].item())
+    weights = torch.arange(1, 401, dtype=torch.float64) ** gamma
+    expected = (weights * thetas.double()).sum() / weights.sum()
+    assert ema.weight.item() == pytest.approx(expected.item(), abs=5e-3)
+
+
+@given(st.integers(1, 500), st.floats(1e-5, 1e-2), st.floats(0.0, 1.0))
+def test_lr_schedule_warmup_then_cosine_over_the_budget(warmup, base, progress):
+    """LR rises linearly over `warmup` steps; after it, the LR is a cosine of the run's
+    progress p from the peak (p = 0) to 10% of it (p = 1), falling as p grows."""
+    assert sf.lr_at(0, 0.0, base, warmup) == pytest.approx(base / warmup)
+    assert sf.lr_at(warmup - 1, 0.0, base, warmup) == pytest.approx(base)
+    late = sf.lr_at(warmup, progress, base, warmup)
+    assert late == pytest.approx(base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))))
+    assert sf.lr_at(warmup, 1.0, base, warmup) == pytest.approx(0.1 * base)
+    assert sf.lr_at(warmup, min(1.0, progress + 0.01), base, warmup) <= late + 1e-15
+
+
+def test_progress_is_the_larger_share_of_steps_and_minutes():
+    """run_progress: steps/max_steps or minutes/max_minutes, whichever is further, capped at 1."""
+    cfg = sf.TrainConfig(max_steps=1000, max_minutes=10)
+    assert sf.run_progress(100, 60.0, cfg) == pytest.approx(0.1)
+    assert sf.run_progress(100, 300.0, cfg) == pytest.approx(0.5)
+    assert sf.run_progress(900, 300.0, cfg) == pytest.approx(0.9)
+    assert sf.run_progress(5000, 0.0, cfg) == 1.0
+    assert sf.run_progress(5000, 300.0, sf.TrainConfig(max_minutes=10)) == pytest.approx(0.5)
 
 
 def checker_rgba(w=32, h=32, block=4, seed=0):
@@ -356,7 +379,7 @@ def test_loader_skips_unreadable_file_with_one_warning(tmp_path):
     (tmp_path / "d" / "broken.png").write_bytes(b"not a png")
     (tmp_path / "d" / "notes.txt").write_text("ignored: not an image suffix")
     with pytest.warns(UserWarning, match="broken.png"):
-        x, names = sf.load_folder(tmp_path / "d")
+        x, names, classes, y = sf.load_folder(tmp_path / "d")
     assert x.shape == (3, 4, 128, 128) and x.dtype == torch.uint8 and len(names) == 3
 
 
@@ -447,12 +470,12 @@ def test_tiny_model_overfits_a_handful_of_sprites():
 
     def fixed_loss():
         with torch.no_grad():
-            return sf.flow_matching_loss(model, z_fix, t_fix, eps_fix, "data", "linear").mean().item()
+            return sf.flow_matching_loss(model, z_fix, t_fix, eps_fix, None, "data", "linear").mean().item()
 
     start = fixed_loss()
     for _ in range(80):
         t, eps = torch.rand(8, generator=g), torch.randn(8, 4, 128, 128, generator=g)
-        loss = sf.flow_matching_loss(model, z.repeat(2, 1, 1, 1), t, eps, "data", "linear").mean()
+        loss = sf.flow_matching_loss(model, z.repeat(2, 1, 1, 1), t, eps, None, "data", "linear").mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -461,7 +484,7 @@ def test_tiny_model_overfits_a_handful_of_sprites():
 
 def tiny_config(data, run_dir, **kw):
     base = dict(data=str(data), run_dir=str(run_dir), max_steps=6, batch_size=4, channels="16,32", blocks=1,
-                log_every=2, val_every=3, sample_every=6, sample_steps=2, warmup=2)
+                log_every=2, val_every=3, sample_every=6, sample_steps=2, warmup=2, bf16=False)  # no probe: runs compare bit for bit
     base.update(kw)
     return sf.TrainConfig(**base)
 
@@ -470,30 +493,32 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     """Stop at step 3, resume to step 6: model, EMA and optimizer state equal those of a run
     that went straight to step 6 (RNG, LR schedule and step count are all restored)."""
     data = write_sprites(tmp_path / "d", 6)
-    straight = sf.train(tiny_config(data, tmp_path / "a"))
-    sf.train(tiny_config(data, tmp_path / "b"), stop_after=3)
+    straight = sf.train(tiny_config(data, tmp_path / "a", guide_fraction=1.0))
+    sf.train(tiny_config(data, tmp_path / "b", guide_fraction=1.0), stop_after=3)
+    assert (tmp_path / "b" / "lock").exists() and not list((tmp_path / "b").glob("*.tmp"))
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
-    resumed = sf.train(tiny_config(data, tmp_path / "b", resume=True))
+    resumed = sf.train(tiny_config(data, tmp_path / "b", resume=True))  # the budget and recipe come from the checkpoint
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(resumed / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
-    for key in ("model", "ema"):
+    for key in ("model", "guide_model", "guide"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for length in a["ema"]:
+        for name in a["ema"][length]:
+            assert torch.equal(a["ema"][length][name], b["ema"][length][name]), (length, name)
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
     rows = (tmp_path / "b" / "training_log.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("step,epoch,loss,lr,grad_norm,img_per_s,val_loss,loss_t0")
+    assert rows[0].startswith("step,epoch,loss,lr,grad_norm,img_per_s,val_loss,loss_t0") and rows[0].endswith(",minutes,skipped")
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "3", "4", "6"]
 
 
-def test_progress_eta_uses_this_sessions_pace_and_the_time_limit(capsys):
-    """A resumed run at step 1,100 that took 60 s for its own 100 steps has 900 steps, 9 minutes,
-    left, not the 0.8 minutes that dividing by all 1,100 steps would claim; --max-minutes 3
-    caps the estimate at the 2 minutes left."""
-    sf.progress(1100, 2000, 0.1, 10.0, 60.0, 100)
-    sf.progress(1100, 2000, 0.1, 10.0, 60.0, 100, max_minutes=3)
-    first, second = capsys.readouterr().err.strip().splitlines()
-    assert first.endswith("eta 9 min") and second.endswith("eta 2 min")
+def test_progress_eta_uses_this_sessions_pace_and_the_time_limit():
+    """A resumed run at step 1,100 that took 60 s for its own 100 steps (0.01 min/step) has
+    900 steps, 9 minutes, left, not the 0.8 minutes that dividing by all 1,100 steps would
+    claim; a 3-minute budget with 1 minute used caps the estimate at the 2 minutes left."""
+    assert sf.progress_text(1100, 1.0, 0.01, sf.TrainConfig(max_steps=2000)).endswith("eta 9 min)")
+    assert sf.progress_text(1100, 1.0, 0.01, sf.TrainConfig(max_steps=2000, max_minutes=3)).endswith("eta 2 min)")
 
 
 def test_seed_makes_runs_reproducible_and_checkpoints_load_safely(tmp_path):
@@ -502,8 +527,9 @@ def test_seed_makes_runs_reproducible_and_checkpoints_load_safely(tmp_path):
     data = write_sprites(tmp_path / "d", 5)
     a = torch.load(sf.train(tiny_config(data, tmp_path / "a", max_steps=3)) / "last.pt", weights_only=True)
     b = torch.load(sf.train(tiny_config(data, tmp_path / "b", max_steps=3)) / "last.pt", weights_only=True)
-    assert set(a) >= {"model", "ema", "optimizer", "step", "rng", "config", "best_val"}
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert set(a) >= {"model", "ema", "optimizer", "step", "rng", "config", "best_val", "seconds", "grid", "fingerprint"}
+    assert list(a["ema"]) == ["0.1", "0.05", "0.2"]
+    assert all(torch.equal(a["ema"]["0.1"][k], b["ema"]["0.1"][k]) for k in a["ema"]["0.1"])
     assert (tmp_path / "a" / "best.pt").exists() and list((tmp_path / "a" / "samples").glob("*.png")) == []
 
 
@@ -514,11 +540,11 @@ def test_norm_groups_are_saved_and_old_checkpoints_keep_32(tmp_path):
     data = write_sprites(tmp_path / "d", 5)
     path = sf.train(tiny_config(data, tmp_path / "a", max_steps=2, norm_groups=4)) / "last.pt"
     groups = lambda m: {g.num_groups for g in m.modules() if isinstance(g, torch.nn.GroupNorm)}
-    assert groups(sf.load_model_from_checkpoint(path)) == {4}
+    assert groups(sf.load_models(path)[0]) == {4}
     ckpt = torch.load(path, weights_only=True)
     del ckpt["config"]["norm_groups"]
     torch.save(ckpt, tmp_path / "old.pt")
-    assert groups(sf.load_model_from_checkpoint(tmp_path / "old.pt")) == {16, 32}  # gcd(32, 16) = 16
+    assert groups(sf.load_models(tmp_path / "old.pt")[0]) == {16, 32}  # gcd(32, 16) = 16
     assert groups(sf.build_model(sf.TrainConfig(channels="16,32"), torch.device("cpu"))) == {8}
 
 
@@ -538,7 +564,7 @@ def test_cli_trains_then_samples_then_plots(tmp_path):
     assert r.returncode == 0, r.stderr
     run = next((tmp_path / "runs").iterdir())
     assert {"last.pt", "best.pt", "training_log.csv", "samples"} <= {p.name for p in run.iterdir()}
-    assert (run / "samples" / "step_0000004.png").exists() and "step 4/4" in r.stderr
+    assert (run / "samples" / "step_0000004.png").exists() and "step 4 " in r.stderr
     r = run_cli("sample", "--n", "3", "--steps", "2", "--out", "out", "--trajectory", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     sprites = sorted((tmp_path / "out").glob("sprite_*.png"))
@@ -557,12 +583,12 @@ def test_pixel_art_stats_count_flat_blocks_and_colours():
     img = torch.zeros(1, 32, 32, 4, dtype=torch.uint8)
     img[..., 3] = 255
     img[:, :, :16, :3], img[:, :, 16:, :3] = 40, 140
-    assert sf.pixel_art_stats(img) == {"flatness": round(104 / 112, 3), "colours": 2.0}
+    assert fid.pixel_art_stats(img) == {"flatness": round(104 / 112, 3), "colours": 2.0}
     img[:, :4, :, 3] = 0  # a transparent top row of blocks changes nothing but the counts
-    assert sf.pixel_art_stats(img) == {"flatness": round(90 / 97, 3), "colours": 2.0}
+    assert fid.pixel_art_stats(img) == {"flatness": round(90 / 97, 3), "colours": 2.0}
     speckle = torch.randint(0, 256, (1, 8, 8, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     speckle[..., 3] = 255
-    assert sf.pixel_art_stats(speckle.repeat_interleave(4, 1).repeat_interleave(4, 2))["flatness"] < 0.2
+    assert fid.pixel_art_stats(speckle.repeat_interleave(4, 1).repeat_interleave(4, 2))["flatness"] < 0.2
 
 
 def test_bench_ends_with_one_json_line(tmp_path):
@@ -571,8 +597,8 @@ def test_bench_ends_with_one_json_line(tmp_path):
     r = run_cli("bench", "--steps", "1", "--batch-size", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert {"train_img_s", "full_res_train_img_s", "sample_img_s", "peak_mem_mb", "device"} <= result.keys()
-    assert result["device"] == "cpu" and min(result["train_img_s"], result["full_res_train_img_s"], result["sample_img_s"]) > 0
+    assert {"train_img_s", "full_res_train_img_s", "sample_img_s_fp32", "peak_mem_mb", "device", "bf16_chosen", "bf16_why", "cpu"} <= result.keys()
+    assert result["device"] == "cpu" and min(result["train_img_s"], result["full_res_train_img_s"], result["sample_img_s_fp32"]) > 0
 
 
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "missing checkpoint", "corrupt checkpoint",
@@ -622,7 +648,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     lines = []
     for line in proc.stderr:  # wait until a few steps have run
         lines.append(line)
-        if line.startswith("step 3/"):
+        if line.startswith("step 3 "):
             break
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[1]
@@ -660,6 +686,367 @@ def test_generate_is_seeded_and_binary_alpha():
         assert a.shape == (3, 128, 128, 4) and a.dtype == torch.uint8 and torch.equal(a, b)
         assert set(a[..., 3].unique().tolist()) <= {0, 255}
         assert (a[..., :3][a[..., 3] == 0] == 0).all()
+
+
+# -----------------------------------------------------------------------------
+# Part 3b: the pixel grid, classes and guidance, budgets and bf16
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_detect_grid_finds_the_block_size_of_the_art(k):
+    """Art drawn at k x k blocks is detected as grid k (1 for art with no blocks at all)."""
+    rng = np.random.default_rng(k)
+    cells = torch.from_numpy(rng.integers(0, 256, (6, 4, 128 // k, 128 // k), dtype=np.uint8))
+    x = cells.repeat_interleave(k, 2).repeat_interleave(k, 3)  # (6, 4, 128, 128)
+    assert sf.detect_grid(x) == k
+
+
+def test_snapped_samples_are_exactly_block_constant():
+    """snap_to_grid: every k x k block of the uint8 result is one colour, alpha is decided
+    per block, and an already block-constant image passes through unchanged."""
+    x = torch.randn(3, 4, 128, 128, generator=torch.Generator().manual_seed(0)) * 0.5
+    for k in (2, 4, 8):
+        img = sf.to_uint8(sf.snap_to_grid(x, k)).permute(0, 3, 1, 2)  # (3, 4, 128, 128)
+        assert sf.detect_grid(img, share=1.0) >= k
+    blocky = sf.to_float(sf.to_uint8(sf.snap_to_grid(x, 4)).permute(0, 3, 1, 2))
+    assert torch.equal(sf.to_uint8(sf.snap_to_grid(blocky, 4)), sf.to_uint8(blocky))
+
+
+def test_classes_come_from_subfolders_and_flat_folders_have_none(tmp_path):
+    """Images in <folder>/<class>/ are labelled by the class folder's name (sorted); a flat
+    folder, or a mix of loose and foldered images (with a warning), has no classes."""
+    write_sprites(tmp_path / "d" / "slime", 2)
+    write_sprites(tmp_path / "d" / "knight", 3, seed=5)
+    x, names, classes, y = sf.load_folder(tmp_path / "d")
+    assert classes == ["knight", "slime"] and y.tolist() == [0, 0, 0, 1, 1] and names[0].startswith("knight/")
+    assert sf.load_folder(tmp_path / "d", labels=False)[2] == []
+    write_sprites(tmp_path / "d", 1, seed=9)
+    with pytest.warns(UserWarning, match="outside the class folders"):
+        assert sf.load_folder(tmp_path / "d")[3] is None
+
+
+def test_label_dropout_rate_matches_p():
+    """drop_labels replaces each label by the "no class" index with probability p."""
+    c = torch.zeros(200_000, dtype=torch.long)
+    dropped = (sf.drop_labels(c, 0.1, 7, torch.Generator().manual_seed(0)) == 7).float().mean().item()
+    assert abs(dropped - 0.1) < 4 * math.sqrt(0.1 * 0.9 / len(c))
+
+
+def test_class_plan_spreads_samples_like_the_training_set():
+    """n samples are split over classes in proportion to the counts (largest remainders),
+    grouped by class; named classes share evenly; an unknown name lists the known ones."""
+    plan = sf.class_plan(10, ["a", "b", "c"], [50, 30, 20])
+    assert plan.tolist() == [0] * 5 + [1] * 3 + [2] * 2
+    assert sf.class_plan(4, ["a", "b", "c"], [50, 30, 20], ["c", "a"]).tolist() == [0, 0, 2, 2]
+    with pytest.raises(sf.UserError, match="knows a, b, c"):
+        sf.class_plan(4, ["a", "b", "c"], [1, 1, 1], ["dragon"])
+
+
+def perturbed(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_guidance_weight_one_is_the_conditional_model_and_zero_the_weak_one():
+    """u_w = u_weak + w (u_main - u_weak): w = 1 gives the conditional (or main) field
+    exactly, w = 0 the unconditional field (classifier-free) or the guide's (autoguidance),
+    both within the [-1, 1] clamp."""
+    torch.manual_seed(0)
+    model = perturbed(sf.UNet((16, 32), 1, 4, n_classes=3))
+    guide = perturbed(sf.UNet((8, 16), 1, 4), seed=1)
+    x, t, c = torch.randn(2, 4, 128, 128), torch.full((2,), 0.4), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(sf.guided_clean(model, c, 1.0)(x, t), model.clean(x, t, c))
+        assert torch.allclose(sf.guided_clean(model, c, 0.0)(x, t), model.clean(x, t, None).clamp(-1, 1), atol=1e-5)
+        plain = sf.UNet((16, 32), 1, 4)
+        assert torch.allclose(sf.guided_clean(perturbed(plain), None, 0.0, guide)(x, t), guide.clean(x, t).clamp(-1, 1), atol=1e-6)
+        two = sf.guided_clean(model, c, 2.0)(x, t)
+        expected = (2 * model.clean(x, t, c) - model.clean(x, t, None)).clamp(-1, 1)
+        assert torch.allclose(two, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory):
+    """A tiny two-class run (10 steps), trained once for the tests below."""
+    tmp = tmp_path_factory.mktemp("classes")
+    write_sprites(tmp / "d" / "knight", 4)
+    write_sprites(tmp / "d" / "slime", 4, seed=20)
+    run = sf.train(tiny_config(tmp / "d", tmp / "run", max_steps=10, val_every=5, sample_every=100, lr=3e-3))
+    return tmp, run / "last.pt"
+
+
+def test_class_names_survive_the_checkpoint_and_guide_only_without_classes(class_run, tmp_path):
+    """The checkpoint keeps the class names, counts and pixel grid; a class run trains no
+    guide, while a flat folder trains unconditionally with an autoguidance guide."""
+    model, guide, ckpt = sf.load_models(class_run[1])
+    assert ckpt["classes"] == ["knight", "slime"] and ckpt["class_counts"] == [4, 4] and ckpt["grid"] == 8  # 4-px art at 4x
+    assert model.n_classes == 2 and guide is None
+    flat = sf.train(tiny_config(write_sprites(tmp_path / "flat", 4), tmp_path / "r", max_steps=2))
+    model, guide, ckpt = sf.load_models(flat / "last.pt")
+    assert model.n_classes == 0 and ckpt["classes"] == [] and guide is not None
+
+
+def test_sample_by_class_writes_rows_and_a_sheet_that_slices_back(class_run):
+    """`sample --class` draws the named classes, one grid row each; sheet.png cut at the
+    frame size of sheet.json gives back exactly the sprite files, with their classes."""
+    tmp, ckpt = class_run
+    r = run_cli("sample", "--checkpoint", str(ckpt), "--n", "4", "--steps", "2", "--class", "slime,knight", "--out", "s", "--native", cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp / "s" / "sheet.json").read_text())
+    assert [f["class"] for f in meta["frames"]] == ["knight", "knight", "slime", "slime"] and meta["rows"] == 2
+    with Image.open(tmp / "s" / "sheet.png") as im:
+        sheet = np.array(im)
+    assert im.mode == "RGBA"
+    for f in meta["frames"]:
+        tile = sheet[f["y"]:f["y"] + meta["frame_height"], f["x"]:f["x"] + meta["frame_width"]]
+        assert np.array_equal(tile, np.array(Image.open(tmp / "s" / f["file"])))
+    with Image.open(tmp / "s" / "native" / "sprite_000.png") as im:
+        assert im.size == (16, 16)  # 128 / grid 8
+    r = run_cli("sample", "--checkpoint", str(ckpt), "--n", "2", "--steps", "2", "--class", "dragon", cwd=tmp)
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown class 'dragon'; this checkpoint knows knight, slime"
+
+
+def test_sample_never_overwrites_an_output_folder(class_run):
+    """A second `sample --out s2` writes to s2-2 and leaves the first sprites alone."""
+    tmp, ckpt = class_run
+    for _ in range(2):
+        assert run_cli("sample", "--checkpoint", str(ckpt), "--n", "1", "--steps", "1", "--out", "s2", cwd=tmp).returncode == 0
+    assert (tmp / "s2" / "sprite_000.png").exists() and (tmp / "s2-2" / "sprite_000.png").exists()
+
+
+def test_old_checkpoints_load_with_one_ema_no_classes_and_grid_1(class_run, tmp_path):
+    """A checkpoint from before power EMAs, classes and pixel grids (one EMA state dict,
+    config keys that no longer exist) loads as EMA "0.999", no classes, grid 1."""
+    ckpt = torch.load(class_run[1], weights_only=True)
+    old = {k: ckpt[k] for k in ("model", "optimizer", "step", "best_val", "rng", "unshuffle")}
+    model, _, _ = sf.load_models(class_run[1])
+    plain = sf.UNet((16, 32), 1, 4)
+    old.update(model=plain.state_dict(), ema=plain.state_dict(), config={**ckpt["config"], "ema": 0.999, "fid_every": 0})
+    torch.save(old, tmp_path / "old.pt")
+    model, guide, loaded = sf.load_models(tmp_path / "old.pt")
+    assert list(loaded["ema"]) == ["0.999"] and loaded["classes"] == [] and loaded["grid"] == 1 and guide is None
+
+
+def test_bf16_is_chosen_by_the_cpu_flags_and_a_probe(monkeypatch):
+    """--bf16/--no-bf16 win; a CPU without bf16 instructions gets fp32 without a probe;
+    with them, a probe step decides (bf16 only when at least 10% faster)."""
+    model, cpu = tiny_unet(), torch.device("cpu")
+    assert sf.decide_bf16(True, cpu, model) == (True, "as asked")
+    monkeypatch.setattr(sf, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(sf, "probe_step_ms", lambda *a: pytest.fail("no probe without bf16 instructions"))
+    assert sf.decide_bf16(None, cpu, model)[0] is False
+    monkeypatch.setattr(sf, "cpu_has_bf16", lambda: True)
+    for fp32_ms, bf16_ms, chosen in [(100, 60, True), (100, 95, False)]:
+        monkeypatch.setattr(sf, "probe_step_ms", lambda m, d, bf16, a=fp32_ms, b=bf16_ms: b if bf16 else a)
+        assert sf.decide_bf16(None, cpu, model)[0] is chosen
+
+
+def test_a_time_budget_anneals_the_lr_and_is_counted_across_resumes(tmp_path):
+    """With --max-minutes the LR reaches its floor as the time runs out; the checkpoint
+    keeps the training time, so a resumed run finds its budget already spent."""
+    data = write_sprites(tmp_path / "d", 4)
+    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=0, max_minutes=0.05, log_every=1, val_every=1000, lr=1e-3))
+    rows = list(csv.DictReader(open(run / "training_log.csv")))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["seconds"] >= 3.0 and float(rows[-1]["lr"]) < 0.25e-3 and float(rows[-1]["minutes"]) >= 0.04
+    sf.train(tiny_config(data, tmp_path / "r", resume=True, max_steps=0))
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == ckpt["step"]
+
+
+# -----------------------------------------------------------------------------
+# Part 3c: nothing lost, nothing silent
+# -----------------------------------------------------------------------------
+
+
+def test_divergence_stops_without_saving_non_finite_weights(tmp_path):
+    """An absurd LR makes the loss non-finite: the run stops with one sentence naming the
+    last good checkpoint and a lower --lr, and no checkpoint holds non-finite weights;
+    sample refuses a checkpoint that does."""
+    data = write_sprites(tmp_path / "d", 4)
+    with pytest.raises(sf.UserError, match=r"diverged at step .*last good checkpoint is .*last.pt .*lower --lr"):
+        sf.train(tiny_config(data, tmp_path / "r", max_steps=60, val_every=1, lr=300, grad_clip=1e9, warmup=50))
+    ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for sd in [ckpt["model"], *ckpt["ema"].values()] for v in sd.values())
+    for v in ckpt["ema"]["0.1"].values():
+        v.fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(sf.UserError, match="non-finite"):
+        sf.load_models(tmp_path / "nan.pt")
+
+
+def train_in_background(tmp_path, *extra):
+    """A CLI training run in a subprocess, read until its third step is logged."""
+    write_sprites(tmp_path / "imgs", 4)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "spriteflow.py"), "train", "--data", "imgs", "--run-dir", "r",
+                             "--batch-size", "2", "--channels", "16,32", "--blocks", "1", "--log-every", "1",
+                             "--val-every", "100000", "--sample-every", "100000", *extra],
+                            cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("step 3 "):
+            break
+    return proc, "".join(lines)
+
+
+def test_sigterm_saves_like_ctrl_c_and_the_default_budget_is_announced(tmp_path):
+    """SIGTERM (schedulers, `timeout`) saves last.pt and exits 0; with no budget given the
+    run says it trains for the default 30 minutes and how to change that."""
+    proc, head = train_in_background(tmp_path)
+    assert "training for 30 minutes, the default budget (set --max-minutes or --max-steps)" in head
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0 and "interrupted at step" in rest, rest
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] >= 3
+
+
+def test_one_trainer_per_run_folder(tmp_path):
+    """While a run holds its folder's lock, a second trainer there gets one sentence; a lock
+    left by a killed process does not block (the OS releases flock with the process)."""
+    proc, _ = train_in_background(tmp_path, "--max-steps", "100000")
+    try:
+        r = run_cli("train", "--data", "imgs", "--run-dir", "r", "--resume", cwd=tmp_path)
+        assert r.returncode == 2 and "is being written by another training process" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    r = run_cli("train", "--data", "imgs", "--run-dir", "r2", "--max-steps", "1", "--channels", "16,32", "--blocks", "1", cwd=tmp_path)
+    (tmp_path / "r" / "last.pt.tmp").write_bytes(b"")  # as if killed mid-save
+    assert sf.claim_run_dir(sf.TrainConfig(run_dir=str(tmp_path / "r")))[0] == tmp_path / "r"
+    assert not (tmp_path / "r" / "last.pt.tmp").exists()
+
+
+def test_resume_remembers_its_data_and_refuses_other_data(tmp_path):
+    """--resume without --data uses the run's own folder; another folder, or changed files
+    in the same folder, is refused unless --allow-new-data; the log never repeats a step."""
+    data, other = write_sprites(tmp_path / "d", 4), write_sprites(tmp_path / "o", 4, seed=9)
+    sf.train(tiny_config(data, tmp_path / "r", max_steps=4, val_every=2))
+    with open(tmp_path / "r" / "training_log.csv", "a") as f:
+        f.write("5,junk\n")  # a row written after the last checkpoint by a killed process
+    with pytest.raises(sf.UserError, match="this run trained on"):
+        sf.train(tiny_config(other, tmp_path / "r", resume=True, max_steps=6))
+    sf.train(sf.TrainConfig(run_dir=str(tmp_path / "r"), resume=True, max_steps=6))
+    steps = [r["step"] for r in csv.DictReader(open(tmp_path / "r" / "training_log.csv"))]
+    assert steps == sorted(set(steps), key=int) and "junk" not in (tmp_path / "r" / "training_log.csv").read_text()
+    write_sprites(data, 5)
+    with pytest.raises(sf.UserError, match="changed since this run started"):
+        sf.train(sf.TrainConfig(run_dir=str(tmp_path / "r"), resume=True, max_steps=8))
+    sf.train(sf.TrainConfig(run_dir=str(tmp_path / "r"), resume=True, max_steps=8, allow_new_data=True))
+
+
+def test_loader_scales_16_bit_warns_about_skipped_and_empty_files(tmp_path, monkeypatch):
+    """16-bit grey is scaled (mid-grey stays mid-grey); .jpg and other files are reported
+    once per suffix with a count; a sliver of an image is reported as nearly empty; the
+    decompression-bomb warning names the file."""
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert sf.load_rgba(tmp_path / "grey16.png")[5, 5].tolist() == [128, 128, 128, 255]
+    Image.new("RGBA", (4000, 10), (200, 0, 0, 255)).save(tmp_path / "sliver.png")
+    for name in ("a.jpg", "b.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sf.load_folder(tmp_path)
+    text = [str(w.message) for w in caught]
+    assert any("skipped 2 .jpg file(s)" in m and "JPEG" in m for m in text) and any("skipped 1 .txt" in m for m in text)
+    assert any("sliver.png" in m and "nearly empty" in m for m in text)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.warns(UserWarning, match="grey16.png"):
+        sf.load_rgba(tmp_path / "grey16.png")
+
+
+@pytest.mark.parametrize("args", [["train", "--data", "imgs", "--run-dir", "afile/run"], ["train", "--data", "imgs", "--lr", "nan"],
+                                  ["sample", "--checkpoint", "x.pt", "--grid-shift", "nan"], ["sample", "--checkpoint", "x.pt", "--sigma", "-1"],
+                                  ["plot", "r", "--out", "afile/x.png"]])
+def test_filesystem_errors_and_non_finite_flags_are_one_sentence(tmp_path, args):
+    """An uncreatable run or output folder, and NaN or negative numbers, end in one
+    `error:` line and exit 2, before any data is loaded."""
+    write_sprites(tmp_path / "imgs", 2)
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "training_log.csv").write_text("step,loss\n1,0.5\n")
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_plot_handles_short_and_empty_logs_and_help_says_defaults_once(tmp_path):
+    """A one-row log is drawn (as a dot); an all-NaN log is one sentence; --help never
+    prints '(default: ...)' twice or empty."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "training_log.csv").write_text("step,loss\n1,0.5\n")
+    assert run_cli("plot", "r", cwd=tmp_path).returncode == 0 and (tmp_path / "r" / "training_log.png").exists()
+    (tmp_path / "r" / "training_log.csv").write_text("step,loss\n1,nan\n2,nan\n")
+    r = run_cli("plot", "r", cwd=tmp_path)
+    assert r.returncode == 2 and "no finite losses" in r.stderr
+    for command in ("train", "sample"):
+        text = run_cli(command, "--help", cwd=tmp_path).stdout
+        assert "(default: )" not in text and not any(line.count("default") > 1 for line in text.split("\n  -"))
+
+
+# -----------------------------------------------------------------------------
+# Part 3d: what an invertible flow can do
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sf.SCHEDULES)
+def test_inversion_then_generation_returns_the_point_for_the_exact_flow(name):
+    """Driven by the closed-form Gaussian field, the backward Heun pass maps a sample to
+    noise and the forward pass maps it back: the round trip is exact up to the solver."""
+    x1 = MU + S * noise(2000, seed=3)
+    x0 = sf.invert(gaussian_velocity(name), x1, 100)
+    assert torch.allclose((x0 - MU * 0).std(0), torch.ones(2, dtype=torch.float64), atol=0.08)  # it is N(0, I) noise
+    assert (sf.sample_heun(gaussian_velocity(name), x0, 100) - x1).abs().max() < 1e-4
+
+
+def test_inversion_round_trip_of_a_trained_model_is_close(class_run):
+    """`invert` on a (tiny, briefly trained) model reconstructs the sprite loosely and says how well."""
+    tmp, ckpt = class_run
+    sprite = next((tmp / "d" / "slime").iterdir())
+    r = run_cli("invert", str(sprite), "--checkpoint", str(ckpt), "--steps", "10", cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split("RMS error ")[1].split()[0]) < 0.5 and (tmp / "invert" / "roundtrip.png").exists()
+
+
+@given(seeds, st.floats(0.0, 1.0))
+def test_slerp_keeps_gaussian_norms(seed, s):
+    """slerp(a, b, s) has norm (1 - s)|a| + s|b| and ends at a and b; for two Gaussian
+    noises that is ~sqrt(d) all the way, where the straight line drops to ~0.71 sqrt(d)."""
+    a, b = tensors(seed, (1, 4, 16, 16)), tensors(seed + 1, (1, 4, 16, 16))
+    mid = sf.slerp(a, b, s)
+    assert torch.allclose(mid.norm(), (1 - s) * a.norm() + s * b.norm(), rtol=1e-6)
+    assert torch.allclose(sf.slerp(a, b, 0.0), a, atol=1e-9) and torch.allclose(sf.slerp(a, b, 1.0), b, atol=1e-9)
+
+
+def test_interpolate_writes_a_gif_and_a_strip(class_run):
+    """`interpolate SEED SPRITE` morphs between a seed's noise and a sprite's inverted noise."""
+    tmp, ckpt = class_run
+    sprite = next((tmp / "d" / "knight").iterdir())
+    r = run_cli("interpolate", "3", str(sprite), "--checkpoint", str(ckpt), "--steps", "2", "--frames", "3", cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp / "interpolate" / "strip.png") as im:
+        assert im.size == (3 * 128, 128)
+    assert (tmp / "interpolate" / "morph.gif").exists()
+
+
+def test_edit_leaves_unmasked_pixels_exactly_unchanged(class_run):
+    """`sample --edit SPRITE --mask MASK` repaints only the masked pixels: every variation
+    equals the sprite bit for bit outside the mask."""
+    tmp, ckpt = class_run
+    sprite = next((tmp / "d" / "knight").iterdir())
+    mask = np.zeros((128, 128, 4), np.uint8)
+    mask[:48, 32:96] = 255
+    Image.fromarray(mask).save(tmp / "mask.png")
+    r = run_cli("sample", "--checkpoint", str(ckpt), "--edit", str(sprite), "--mask", "mask.png", "--n", "2", "--steps", "3", "--out", "e", cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    original = sf.load_rgba(sprite)
+    keep = mask[..., 3] == 0
+    for k in (1, 2):
+        edited = np.array(Image.open(tmp / "e" / f"sprite_{k:03d}.png"))
+        assert np.array_equal(edited[keep], original[keep])
 
 
 # -----------------------------------------------------------------------------
@@ -1137,14 +1524,168 @@ def test_cli_scores_a_spriteflow_checkpoint(tmp_path, weights_path):
     assert np.isfinite(printed_fid(result.stdout)) and "KID:" in result.stdout
 
 
-def test_trainer_logs_fid_and_kid_when_weights_are_given(tmp_path, weights_path):
-    """--fid-every adds fid and kid columns, computed with fid.py on EMA samples against the
-    validation sprites; without weights the run refuses to start."""
-    data = write_sprites(tmp_path / "d", 8)
-    sf.train(tiny_config(data, tmp_path / "r", max_steps=2, val_every=2, log_every=1, sample_every=100,
-                         val_fraction=0.5, fid_every=2, fid_weights=str(weights_path)))
-    rows = (tmp_path / "r" / "training_log.csv").read_text().strip().splitlines()
-    assert rows[0].endswith(",fid,kid")
-    assert rows[1].endswith(",,") and np.isfinite(float(rows[2].split(",")[-2]))
-    with pytest.raises(sf.UserError, match="Inception weights"):
-        sf.train(tiny_config(data, tmp_path / "r2", val_fraction=0.5, fid_every=2, fid_weights=str(tmp_path / "missing.pth")))
+# -----------------------------------------------------------------------------
+# Sprite-level measures: no network weights at all
+
+
+def blocky_sprites(n, seed, size=32, block=4, brightness=1.0):
+    """n uint8 (n, size, size, 4) sprites of random block-x-block colour cells, 70% opaque;
+    brightness < 1 darkens every colour (a shifted distribution)."""
+    rng = np.random.default_rng(seed)
+    grid = size // block
+    cells = np.zeros((n, grid, grid, 4), dtype=np.uint8)
+    cells[..., :3] = (rng.integers(0, 256, (n, grid, grid, 3)) * brightness).astype(np.uint8)
+    cells[..., 3] = np.where(rng.random((n, grid, grid)) < 0.7, 255, 0)
+    return cells.repeat(block, 1).repeat(block, 2)
+
+
+def test_fid_pixel_art_stats_known_values():
+    """fid.pixel_art_stats on two flat colour halves of an 8x8 grid of 4-px blocks: 104 of 112
+    neighbouring pairs match and there are 2 colours; a transparent row of blocks only changes the
+    counts; an array gives the same as a tensor; speckle scores low."""
+    img = np.zeros((1, 32, 32, 4), dtype=np.uint8)
+    img[..., 3] = 255
+    img[:, :, :16, :3], img[:, :, 16:, :3] = 40, 140
+    assert fid.pixel_art_stats(img) == fid.pixel_art_stats(torch.from_numpy(img)) == {"flatness": round(104 / 112, 3),
+                                                                                       "colours": 2.0}
+    img[:, :4, :, 3] = 0
+    assert fid.pixel_art_stats(img) == {"flatness": round(90 / 97, 3), "colours": 2.0}
+    speckle = blocky_sprites(1, seed=0, size=32)
+    speckle[..., 3] = 255
+    assert fid.pixel_art_stats(speckle)["flatness"] < 0.2
+
+
+def test_saturation_of_grey_red_and_mixed_sprites():
+    """HSV saturation (max - min) / max over opaque pixels: grey (and black) sprites give 0, pure red
+    gives 1, transparent pixels are ignored, and a sprite half red, half grey gives 0.5; the
+    standard deviation is over sprites."""
+    grey = np.zeros((3, 8, 8, 4), dtype=np.uint8)
+    grey[..., :3] = np.array([0, 90, 255], dtype=np.uint8)[:, None, None, None]  # black, grey, white
+    grey[..., 3] = 255
+    grey[:, :2, :, :] = [255, 0, 0, 0]  # transparent red pixels do not count
+    assert fid.saturation_stats(grey) == {"saturation": 0.0, "saturation_std": 0.0}
+    red = np.zeros((2, 8, 8, 4), dtype=np.uint8)
+    red[..., 0], red[..., 3] = 200, 255
+    assert fid.saturation_stats(torch.from_numpy(red)) == {"saturation": 1.0, "saturation_std": 0.0}
+    half = red[:1].copy()
+    half[:, :, :4, :3] = 100
+    assert fid.saturation_stats(half)["saturation"] == pytest.approx(0.5)
+    both = np.concatenate([grey[:1], red[:1]])
+    assert fid.saturation_stats(both) == pytest.approx({"saturation": 0.5, "saturation_std": 0.5})
+
+
+def test_random_feature_distance_is_zero_for_identical_sets_and_deterministic():
+    """The random-feature Frechet distance of a set to itself is 0 (to 1e-6); two calls give the
+    very same number; the seed picks a different network, hence a different number."""
+    a, b = blocky_sprites(12, seed=1), blocky_sprites(12, seed=2)
+    assert abs(fid.random_feature_distance(a, a)) < 1e-6
+    assert fid.random_feature_distance(a, b) == fid.random_feature_distance(a, b) > 0
+    assert fid.random_feature_distance(a, b, seed=1) != fid.random_feature_distance(a, b, seed=0)
+    feats = fid.random_features(a)
+    assert feats.shape == (12, 2 * sum(fid.RANDOM_WIDTHS)) and feats.dtype == np.float64
+
+
+def test_random_features_do_not_depend_on_batch_size():
+    """A sprite's random features, and so the distance, are the same in batches of 1, 5 or all."""
+    a, b = blocky_sprites(10, seed=3), blocky_sprites(10, seed=4)
+    f_all = fid.random_features(a, batch_size=64)
+    np.testing.assert_allclose(fid.random_features(a, batch_size=1), f_all, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fid.random_features(a, batch_size=5), f_all, rtol=1e-5, atol=1e-7)
+    assert fid.random_feature_distance(a, b, batch_size=3) == pytest.approx(fid.random_feature_distance(a, b), rel=1e-6)
+
+
+def test_random_feature_distance_is_larger_for_a_shifted_set():
+    """Against a reference set, a darker set (colours * 0.6) is farther away than a fresh sample of
+    the reference's own distribution."""
+    reference = blocky_sprites(16, seed=5)
+    same = fid.random_feature_distance(reference, blocky_sprites(16, seed=6))
+    shifted = fid.random_feature_distance(reference, blocky_sprites(16, seed=7, brightness=0.6))
+    assert 0 < same < shifted / 1.5
+
+
+def test_nearest_neighbours_find_a_planted_copy():
+    """A training sprite planted among the queries is found at RMS distance exactly 0 with its index;
+    all distances match a brute-force computation in [-1, 1], also with chunks smaller than the sets."""
+    train = blocky_sprites(9, seed=8)
+    queries = blocky_sprites(5, seed=9)
+    queries[3] = train[7]
+    distances, indices = fid.nearest_neighbours(queries, train, chunk=4)
+    assert distances[3] == 0 and indices[3] == 7 and (distances[[0, 1, 2, 4]] > 0).all()
+    x, y = sf.to_float(torch.from_numpy(queries)).double(), sf.to_float(torch.from_numpy(train)).double()
+    brute = ((x[:, None] - y[None]) ** 2).flatten(2).mean(2).sqrt()  # (5, 9)
+    torch.testing.assert_close(distances, brute.min(1).values)
+    assert torch.equal(indices, brute.argmin(1))
+
+
+def test_memorisation_report_flags_a_planted_copy():
+    """With one of 4 samples a copy of a training sprite (the rest solid white, far from all), the
+    report's smallest sample distance is 0, exactly that sample (a share of 1/4) is closer than
+    every held-out sprite, and the sheet puts
+    each sample beside its neighbour (4 pairs of 32x32 tiles in one row)."""
+    train, val = blocky_sprites(10, seed=10), blocky_sprites(3, seed=11)
+    samples = np.full((4, 32, 32, 4), 255, dtype=np.uint8)  # solid white: far from every blocky sprite
+    samples[2] = train[4]
+    report = fid.memorisation_report(samples, train, val)
+    assert report["samples"]["min"] == 0 and report["held_out"]["min"] == report["threshold"] > 0
+    assert report["closer_than_held_out"] == 0.25 and report["indices"][2] == 4
+    assert set(report["samples"]) == set(report["held_out"]) == {"min", "p5", "median", "mean"}
+    sheet = fid.nearest_sheet(samples, train, report["indices"])
+    assert sheet.size == (8 * 32, 32)
+    assert np.array_equal(np.asarray(sheet)[:, 4 * 32:5 * 32], np.asarray(sheet)[:, 5 * 32:6 * 32])  # copy == neighbour
+
+
+def test_cli_measure_prints_one_json_line(tmp_path):
+    """`python fid.py --measure SAMPLES --data DATA` (data in subfolders) ends with one JSON line:
+    the stats of both sides, the random-feature distance and its data-vs-data floor; --json prints
+    only that line."""
+    samples = write_pngs(tmp_path / "samples", blocky_sprites(3, seed=13))
+    write_pngs(tmp_path / "data" / "orc", blocky_sprites(4, seed=14))
+    write_pngs(tmp_path / "data" / "elf", blocky_sprites(4, seed=15))
+    result = run_fid_cli("--measure", samples, "--data", tmp_path / "data")
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"n_samples", "n_data", "seed", "samples", "data", "random_fd", "random_fd_data_vs_data"} <= line.keys()
+    assert line["n_samples"] == line["n_data"] == 3
+    assert set(line["samples"]) == set(line["data"]) == {"flatness", "colours", "saturation", "saturation_std"}
+    assert line["random_fd"] > 0 and line["random_fd_data_vs_data"] > 0
+    assert fid.main(["--measure", str(samples), "--data", str(tmp_path / "data"), "--json", "--n-data", "8"]) == 0
+
+
+def test_cli_nearest_reports_and_writes_the_sheet(tmp_path, capsys):
+    """`python fid.py --nearest SAMPLES --data DATA --sheet OUT.png` names the planted copy, ends
+    with a JSON line whose share counts it, and writes the sheet."""
+    data = blocky_sprites(8, seed=16)
+    write_pngs(tmp_path / "data", data)
+    samples = np.full((2, 32, 32, 4), 255, dtype=np.uint8)  # solid white: far from every data sprite
+    _, val_idx = sf.split_train_val([f"sprite_{i:03d}.png" for i in range(8)], 0.05)
+    train_idx = [i for i in range(8) if i not in val_idx.tolist()]
+    samples[1] = data[train_idx[0]]
+    write_pngs(tmp_path / "samples", samples)
+    args = ["--nearest", str(tmp_path / "samples"), "--data", str(tmp_path / "data"), "--sheet", str(tmp_path / "nn.png")]
+    assert fid.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"sprite_001.png  0.0000  sprite_{train_idx[0]:03d}.png" in out
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["closer_than_held_out"] == 0.5 and line["n_train"] + line["n_held_out"] == 8
+    with Image.open(tmp_path / "nn.png") as sheet:
+        assert sheet.size == (4 * 128, 128)
+
+
+@pytest.mark.parametrize("case", ["missing samples", "empty samples", "missing data", "samples is a file",
+                                  "PATH_A and --measure", "--sheet without --nearest"])
+def test_cli_sprite_measures_bad_input_is_one_sentence(tmp_path, capsys, case):
+    """Bad input to --measure/--nearest exits with status 2 and one `error: ...` line, no traceback."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    good = write_pngs(tmp_path / "good", blocky_sprites(2, seed=18))
+    (tmp_path / "file.png").write_bytes(b"x")
+    args = {"missing samples": ["--measure", tmp_path / "nope", "--data", good],
+            "empty samples": ["--nearest", empty, "--data", good],
+            "missing data": ["--measure", good, "--data", tmp_path / "nope"],
+            "samples is a file": ["--nearest", tmp_path / "file.png", "--data", good],
+            "PATH_A and --measure": [good, "--measure", good, "--data", good],
+            "--sheet without --nearest": ["--measure", good, "--data", good, "--sheet", tmp_path / "s.png"]}[case]
+    assert fid.main(list(map(str, args))) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("error: ")
+    assert captured.out == ""

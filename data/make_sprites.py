@@ -36,9 +36,13 @@ characters come out with finer detail (2x2 blocks instead of 4x4).
 
 Usage (from the repository root):
 
-    python data/make_sprites.py                       # 2048 sprites -> data/images
-    python data/make_sprites.py --count 64 --sheet data/contact_sheet.png
+    python data/make_sprites.py                       # 2048 sprites -> data/images/<kind>/
+    python data/make_sprites.py --no-images --sheet data/contact_sheet.png
     python data/make_sprites.py --grid 64 --count 16 --out /tmp/hires
+    python data/make_sprites.py --flat --out /tmp/flat    # no kind folders
+
+Sprite i is saved as <out>/<kind>/sprite_<i:05d>.png, one folder per body kind
+(the torchvision ImageFolder layout: the folder name is the class label).
 
 Rerunning with the same options rewrites the same files byte for byte.
 """
@@ -1074,7 +1078,7 @@ def make_sprite(seed, index, grid=32, attempt=0, return_info=False):
 
 
 def generate(seed=0, count=2048, grid=32):
-    """Yield (index, image) for the first `count` sprites, never repeating one.
+    """Yield (index, image, kind) for the first `count` sprites, never repeating one.
 
     If sprite i comes out pixel-identical to an earlier sprite, it is redrawn
     with attempt = 1, 2, ... until it is new. Only earlier sprites are
@@ -1084,13 +1088,13 @@ def generate(seed=0, count=2048, grid=32):
     for i in range(count):
         attempt = 0
         while True:
-            img = make_sprite(seed, i, grid, attempt)
+            img, info = make_sprite(seed, i, grid, attempt, return_info=True)
             key = hashlib.sha256(img.tobytes()).digest()
             if key not in seen:
                 seen.add(key)
                 break
             attempt += 1
-        yield i, img
+        yield i, img, info["kind"]
 
 
 def save_png(img, path):
@@ -1099,7 +1103,11 @@ def save_png(img, path):
 
 
 def contact_sheet(images, cols=8, gap=4):
-    """Tile RGBA sprites on a light checkerboard so transparency is visible."""
+    """Tile RGBA sprites on a light checkerboard so transparency is visible.
+
+    Sprites fill the grid row by row, `cols` per row; a None entry leaves its
+    cell empty (so rows can be padded to line up).
+    """
     images = list(images)
     rows = (len(images) + cols - 1) // cols
     tile = SIZE
@@ -1111,6 +1119,8 @@ def contact_sheet(images, cols=8, gap=4):
     board = np.dstack([checker, checker, checker + 6, np.full_like(checker, 255)])
     board_img = Image.fromarray(board, "RGBA")
     for n, img in enumerate(images):
+        if img is None:
+            continue
         x = gap + (n % cols) * (tile + gap)
         y = gap + (n // cols) * (tile + gap)
         cell = Image.alpha_composite(board_img, Image.fromarray(np.asarray(img), "RGBA"))
@@ -1127,24 +1137,30 @@ def main(argv=None):
                     help="logical pixel grid before upscaling to 128 (default 32)")
     ap.add_argument("--out", type=Path, default=here / "images",
                     help="output folder (default: images/ next to this script)")
+    ap.add_argument("--flat", action="store_true",
+                    help="write all PNGs straight into --out, without kind folders")
     ap.add_argument("--sheet", type=Path, default=None,
-                    help="also write a contact sheet of the first 64 sprites here")
+                    help="also write a contact sheet here: one row per kind, its first 8 sprites")
     ap.add_argument("--no-images", action="store_true",
-                    help="only build the contact sheet, write no PNG files")
+                    help="only build the contact sheet (stops once it is full), write no PNG files")
     args = ap.parse_args(argv)
 
-    if not args.no_images:
-        args.out.mkdir(parents=True, exist_ok=True)
-    first = []
-    for i, img in generate(args.seed, args.count, args.grid):
+    first = {kind: [] for kind in KINDS}     # the first 8 sprites of each kind
+    i = -1                                   # (so --count 0 reports 0 sprites)
+    for i, img, kind in generate(args.seed, args.count, args.grid):
         if not args.no_images:
-            save_png(img, args.out / f"sprite_{i:05d}.png")
-        if len(first) < 64:
-            first.append(img)
+            path = args.out / ("" if args.flat else kind) / f"sprite_{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(img, path)
+        if len(first[kind]) < 8:
+            first[kind].append(img)
+        if args.no_images and all(len(v) == 8 for v in first.values()):
+            break                            # the sheet is full: nothing left to do
     if args.sheet is not None:
-        contact_sheet(first).save(args.sheet, format="PNG", optimize=False)
+        cells = [img for kind in KINDS for img in (first[kind] + [None] * 8)[:8]]
+        contact_sheet(cells).save(args.sheet, format="PNG", optimize=False)
     where = "no files" if args.no_images else str(args.out)
-    print(f"{args.count} sprites (seed {args.seed}, grid {args.grid}) -> {where}")
+    print(f"{i + 1} sprites (seed {args.seed}, grid {args.grid}) -> {where}")
     if args.sheet is not None:
         print(f"contact sheet -> {args.sheet}")
 

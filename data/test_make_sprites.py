@@ -21,7 +21,12 @@ sys.path.insert(0, str(HERE))
 import make_sprites  # noqa: E402  (imported by path, see sys.path above)
 
 IMAGES = HERE / "images"
-FILES = sorted(IMAGES.glob("sprite_*.png"))
+FILES = sorted(IMAGES.glob("*/sprite_*.png"), key=lambda f: f.name)   # index order
+
+
+def index(f):
+    """The global sprite index in a file name: sprite_00042.png -> 42."""
+    return int(f.stem.split("_")[1])
 
 
 @lru_cache(maxsize=1)
@@ -31,9 +36,33 @@ def committed():
 
 
 def test_there_are_enough_committed_images():
-    """At least 2,000 PNGs are committed, numbered 0..N-1 without holes."""
+    """At least 2,000 PNGs are committed in kind folders, numbered 0..N-1 without holes."""
     assert len(FILES) >= 2000
     assert [f.name for f in FILES] == [f"sprite_{i:05d}.png" for i in range(len(FILES))]
+    assert not list(IMAGES.glob("*.png")), "no loose files above the kind folders"
+
+
+def test_every_kind_has_a_folder():
+    """data/images holds exactly one non-empty folder per body kind."""
+    folders = {d.name for d in IMAGES.iterdir() if d.is_dir()}
+    assert folders == set(make_sprites.KINDS)
+    assert all(any((IMAGES / k).glob("sprite_*.png")) for k in make_sprites.KINDS)
+
+
+def test_files_sit_in_the_folder_of_their_kind():
+    """For the first 100 sprites, the folder name is the kind make_sprite() drew.
+
+    The attempt (sub-seed) is the one whose drawing matches the committed
+    pixels, so a sprite redrawn to avoid a duplicate is checked correctly too.
+    """
+    for f in FILES[:100]:
+        for attempt in range(4):
+            img, info = make_sprites.make_sprite(0, index(f), attempt=attempt, return_info=True)
+            if np.array_equal(img, committed()[index(f)]):
+                break
+        else:
+            pytest.fail(f"{f.name} matches no attempt")
+        assert f.parent.name == info["kind"], f.name
 
 
 def test_make_sprite_is_deterministic():
@@ -46,14 +75,25 @@ def test_make_sprite_is_deterministic():
     assert not np.array_equal(a, make_sprites.make_sprite(1, 7))
 
 
+def run_cli(*args):
+    subprocess.run([sys.executable, str(HERE / "make_sprites.py"), *args],
+                   check=True, capture_output=True)
+
+
 def test_cli_reproduces_committed_files_byte_for_byte(tmp_path):
-    """`make_sprites.py --count 12` writes exactly the first 12 committed files."""
-    subprocess.run([sys.executable, str(HERE / "make_sprites.py"), "--count", "12",
-                    "--out", str(tmp_path)], check=True, capture_output=True)
-    made = sorted(tmp_path.glob("*.png"))
-    assert [f.name for f in made] == [f.name for f in FILES[:12]]
+    """`make_sprites.py --count 12` writes exactly the first 12 committed files, same folders."""
+    run_cli("--count", "12", "--out", str(tmp_path))
+    made = sorted(tmp_path.rglob("*.png"), key=lambda f: f.name)
+    assert [f.relative_to(tmp_path) for f in made] == [f.relative_to(IMAGES) for f in FILES[:12]]
     for new, old in zip(made, FILES):
         assert new.read_bytes() == old.read_bytes(), new.name
+
+
+def test_cli_flat_option(tmp_path):
+    """`--flat` writes the same files straight into --out, with no kind folders."""
+    run_cli("--count", "3", "--flat", "--out", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f.name for f in FILES[:3]]
+    assert all((tmp_path / f.name).read_bytes() == f.read_bytes() for f in FILES[:3])
 
 
 def test_committed_images_are_clean_rgba():
@@ -121,11 +161,9 @@ def test_set_is_varied():
     alpha = committed()[..., 3] > 0
     masks = {np.packbits(a).tobytes() for a in alpha}
     assert len(masks) >= 0.6 * len(alpha), len(masks)
-    kinds = {make_sprites.sprite_kind(0, i) for i in range(len(FILES))}
-    assert kinds == set(make_sprites.KINDS)
-    # the first 64 (the contact sheet) already show a good mix
-    first = {make_sprites.sprite_kind(0, i) for i in range(64)}
-    assert len(first) >= 6
+    assert {f.parent.name for f in FILES} == set(make_sprites.KINDS)
+    # the first 64 already show a good mix
+    assert len({f.parent.name for f in FILES[:64]}) >= 6
 
 
 def test_contact_sheet_function():
@@ -134,3 +172,13 @@ def test_contact_sheet_function():
     sheet = make_sprites.contact_sheet(imgs, cols=8)
     assert sheet.mode == "RGB"
     assert sheet.width > 8 * 128 and 2 * 128 < sheet.height < 3 * 128
+    # None leaves a cell empty: same size, and that cell is plain background
+    holed = make_sprites.contact_sheet(imgs[:9] + [None], cols=8)
+    assert holed.size == sheet.size and holed.getpixel((4 + 128 + 4 + 64, 4 + 128 + 4 + 64)) == (250, 250, 252)
+
+
+def test_committed_contact_sheet_is_reproducible(tmp_path):
+    """`--no-images --sheet` rebuilds data/contact_sheet.png byte for byte: 8 rows, one per kind."""
+    run_cli("--no-images", "--sheet", str(tmp_path / "sheet.png"))
+    assert (tmp_path / "sheet.png").read_bytes() == (HERE / "contact_sheet.png").read_bytes()
+    assert Image.open(HERE / "contact_sheet.png").size == (8 * 128 + 9 * 4,) * 2
