@@ -61,12 +61,17 @@ else they are downloaded there once.
 """
 
 import argparse
+import copy
+import csv
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import resource
 import sys
 import tempfile
+import time
 import urllib.request
 import warnings
 from pathlib import Path
@@ -75,7 +80,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageColor
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 from scipy import linalg
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -973,7 +978,144 @@ def nearest_sheet(samples, train, indices, pairs_per_row=8):
 
 
 # -----------------------------------------------------------------------------
-# 7. Command line
+# 7. Training diagnostics: the log plot and the speed benchmark
+#
+# --plot RUN draws a run's training_log.csv: the training loss, the loss in
+# each fifth of the time axis (loss_t0 = t in [0, 0.2), ...) and the validation
+# loss. Losses span ~100x across t, hence the log scale. --bench times full
+# training steps and sampling of the default model on this device, in fp32
+# and, where the hardware has it, bf16, and prints the choice `train` makes.
+# -----------------------------------------------------------------------------
+
+
+def run_plot(args):
+    """--plot RUN: training_log.csv of a run folder -> training_log.png (or --out)."""
+    spriteflow = _spriteflow()
+    run_dir = Path(args.plot)
+    log_path = run_dir / "training_log.csv"
+    if not log_path.is_file():
+        raise FIDError(f"{log_path} does not exist; point --plot at a run folder.")
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+
+    def number(text):
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return math.nan
+
+    names = ["loss"] + [f"loss_t{k}" for k in range(spriteflow.T_BUCKETS)] + ["val_loss"]
+    series = {n: [(number(r.get("step")), number(r.get(n))) for r in rows] for n in names}
+    series = {n: [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y) and y > 0] for n, pts in series.items()}
+    series = {n: pts for n, pts in series.items() if pts}
+    if not series:
+        raise FIDError(f"{log_path} has no finite losses yet.")
+    out = Path(args.out) if args.out else run_dir / "training_log.png"
+    try:
+        plot_log_scale(series, out, title=str(run_dir))
+    except OSError as e:
+        raise FIDError(f"Could not write {out} ({e.strerror or e}).") from None
+    print(f"wrote {out}")
+
+
+def plot_log_scale(series, out, title="", size=(900, 560)):
+    """Line chart with a log-scale y axis, drawn with Pillow alone; a lone point is a dot."""
+    (W, H), (left, right, top, bottom) = size, (70, 170, 30, 50)
+    img = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [math.log10(y) for pts in series.values() for _, y in pts]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = math.floor(min(ys) * 4) / 4, math.ceil(max(ys) * 4) / 4 + 0.25
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right), H - bottom - (math.log10(y) - y0) / (y1 - y0) * (H - top - bottom))
+
+    for k in range(math.floor(y0), math.ceil(y1) + 1):  # decades and their 2x, 5x ticks
+        for m in (1, 2, 5):
+            if y0 <= math.log10(m * 10.0**k) <= y1:
+                _, y = px(x0, m * 10.0**k)
+                draw.line([(left, y), (W - right, y)], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
+                draw.text((5, y - 6), f"{m * 10.0**k:g}", fill="black", font=font)
+    for x in sorted({round(v) for v in np.linspace(x0, x1, 6)}):  # distinct whole steps
+        draw.text((px(x, 10**y0)[0] - 10, H - bottom + 8), f"{x}", fill="black", font=font)
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    draw.text((left, 8), f"{title}  (log scale; x: step)", fill="black", font=font)
+    colors = [(31, 119, 180), (230, 159, 0), (86, 180, 233), (0, 158, 115), (213, 94, 0), (204, 121, 167), (200, 0, 0)]
+    for i, (name, pts) in enumerate(series.items()):
+        color, points = colors[i % len(colors)], [px(x, y) for x, y in pts]
+        draw.line(points, fill=color, width=3 if name in ("loss", "val_loss") else 1)
+        for x, y in points if len(points) < 3 else []:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        draw.line([(W - right + 10, top + 16 * i + 6), (W - right + 30, top + 16 * i + 6)], fill=color, width=3)
+        draw.text((W - right + 36, top + 16 * i), name, fill="black", font=font)
+    img.save(out)
+
+
+def time_train_steps(spriteflow, cfg, device, steps, batch_size, bf16):
+    """Images/s of full training steps (forward, backward, AdamW, EMA) after one untimed step."""
+    torch.manual_seed(0)
+    model = spriteflow.build_model(cfg, device).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    net = torch.compile(model) if cfg.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    z = spriteflow.to_float(torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8)).to(device)
+    amp, gamma = spriteflow.autocast(device, bf16), spriteflow.ema_gamma(0.1)
+    for i in range(steps + 1):
+        if i == 1:  # the first step pays for allocation and kernel selection
+            sync(device)
+            start = time.time()
+        spriteflow.train_step(net, model, opt, z, torch.rand(batch_size, device=device), torch.randn_like(z), None, cfg, amp, 1e-4)
+        spriteflow.ema_update([ema], model, i + 1, [gamma])
+    sync(device)
+    return steps * batch_size / (time.time() - start), sum(p.numel() for p in model.parameters()), model
+
+
+def sync(device):
+    """Wait for queued GPU work: CUDA runs asynchronously, so timings need this."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cpu_name():
+    """The CPU's model name, family and model from /proc/cpuinfo (where there is one)."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        return f"{info['model name'].strip()}, family {info['cpu family'].strip()}, model {info['model'].strip()}"
+    except (OSError, KeyError):
+        return "unknown"
+
+
+def run_bench(args):
+    """--bench: speed of the default model in fp32 and (where it can pay) bf16, the full-
+    resolution twin for comparison, and train's bf16 choice; the last line is JSON."""
+    spriteflow = _spriteflow()
+    try:
+        device = spriteflow.pick_device(args.device or "auto")
+    except spriteflow.UserError as e:
+        raise FIDError(str(e)) from None
+    cfg, batch, result = spriteflow.TrainConfig(compile=args.compile), args.batch_size, {}
+    for bf16 in [False, True] if device.type == "cuda" or spriteflow.cpu_has_bf16() else [False]:
+        img_s, n_params, model = time_train_steps(spriteflow, cfg, device, args.steps, batch, bf16)
+        t0 = time.time()
+        spriteflow.generate(model, batch, cfg.sample_steps, device=device, bf16=bf16)
+        sync(device)
+        name = "bf16" if bf16 else "fp32"
+        result.update({f"train_img_s_{name}": round(img_s, 2), f"sample_img_s_{name}": round(batch / (time.time() - t0), 3)})
+        print(f"{name}: {img_s:.1f} train img/s, {result[f'sample_img_s_{name}']} sample img/s "
+              f"(heun, {cfg.sample_steps} steps, batch {batch})", file=sys.stderr)
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    full = time_train_steps(spriteflow, dataclasses.replace(cfg, unshuffle=1), device, max(1, args.steps // 4), min(batch, 8), False)[0]
+    print(f"full resolution (no pixel-unshuffle), fp32: {full:.2f} train img/s", file=sys.stderr)
+    use, why = spriteflow.decide_bf16(None, device, model)
+    print(f"train would use bf16: {use} ({why})", file=sys.stderr)
+    print(json.dumps({"device": str(device), "cpu": cpu_name(), "threads": torch.get_num_threads(), "batch_size": batch,
+                      "params_m": round(n_params / 1e6, 2), **result, "train_img_s": result[f"train_img_s_{'bf16' if use else 'fp32'}"],
+                      "full_res_train_img_s": round(full, 3), "peak_mem_mb": round(peak_mb), "bf16_chosen": use, "bf16_why": why}))
+
+
+# -----------------------------------------------------------------------------
+# 8. Command line
 
 
 def load_stats_file(path):
@@ -1004,7 +1146,9 @@ def sample_checkpoint(path, args, device):
         model, guide, ckpt = spriteflow.load_models(str(path), device)
     except spriteflow.UserError as e:
         raise FIDError(str(e).rstrip(".") + ".") from None
-    labels, w = spriteflow.sample_plan(ckpt, guide, args.num_samples)
+    classes = ckpt["classes"]
+    labels = spriteflow.class_plan(args.num_samples, classes, ckpt["class_counts"]) if classes else None
+    w = spriteflow.CFG_GUIDANCE if classes else spriteflow.AUTO_GUIDANCE if guide else 1.0  # sample's defaults
     print(f"sampling {args.num_samples} sprites from {path} ({args.sampler}, {args.steps} steps, guidance {w:g})", file=sys.stderr)
     images = spriteflow.generate(model, args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                  device=device, labels=labels, guidance=w, guide=guide, grid=ckpt["grid"])
@@ -1166,11 +1310,16 @@ def build_parser():
                       help="pixel-art and saturation stats and the random-feature Frechet distance, SAMPLES vs --data")
     mode.add_argument("--nearest", metavar="SAMPLES",
                       help="memorisation check: each sample's nearest training sprite of --data")
+    mode.add_argument("--plot", metavar="RUN", help="draw RUN/training_log.csv as a PNG (log scale)")
+    mode.add_argument("--bench", action="store_true", help="training and sampling speed of the default model on this device")
     p.add_argument("--data", default="data/images", help="the training sprites for --measure and --nearest")
     p.add_argument("--n-data", type=int, help="--measure: data sprites to compare with (default: as many as samples)")
     p.add_argument("--sheet", metavar="OUT.png",
                    help=f"--nearest: write the {SHEET_PAIRS} closest samples beside their nearest training sprites")
     p.add_argument("--json", action="store_true", help="--measure, --nearest: print only the JSON line")
+    p.add_argument("--out", help="--plot: PNG path (default: RUN/training_log.png)")
+    p.add_argument("--bench-steps", dest="bench_steps", type=int, default=8, help="--bench: timed training steps")
+    p.add_argument("--compile", action="store_true", help="--bench: torch.compile the model")
     return p
 
 
@@ -1180,6 +1329,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def run(args):
+    if args.plot or args.bench:
+        if args.path_a:
+            raise FIDError("--plot and --bench take no PATH_A or PATH_B.")
+        if args.bench:
+            args.steps, args.batch_size = args.bench_steps, args.batch_size if args.batch_size != 50 else 32
+            if args.steps < 1 or args.batch_size < 1:
+                raise FIDError("--bench-steps and --batch-size must be at least 1.")
+        return run_plot(args) if args.plot else run_bench(args)
     if args.measure or args.nearest:
         if args.path_a or args.save_stats:
             raise FIDError("--measure and --nearest take the samples folder and --data, not PATH_A, PATH_B or --save-stats.")

@@ -1,16 +1,13 @@
 """SpriteFlow: flow matching for 128x128 RGBA pixel-art characters, in one file.
 
 Read it top to bottom: data -> noise schedules -> Gaussian probability path ->
-time- and class-conditioned U-Net -> ODE/SDE samplers and guidance -> EMA and
-LR schedule -> trainer -> what an invertible flow can do -> command line.
-Time runs from t=0 (pure noise) to t=1 (data) everywhere.
+U-Net -> samplers and guidance -> EMA and LR schedule -> trainer -> what an
+invertible flow can do -> command line. Time runs from t=0 (pure noise) to
+t=1 (data) everywhere. The measurements behind every default are in the lab
+record, data/figures/README.md.
 
-    pip install -r requirements.txt
     python spriteflow.py train --data data/images      # 30 minutes by default
     python spriteflow.py sample                        # newest run, 16 sprites
-    python -m pytest -q                                # the tests
-
-The numbers behind every default are in data/figures/README.md (the lab record).
 """
 
 import argparse
@@ -21,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -34,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 try:
     import fcntl  # one writer per run folder (POSIX); elsewhere the lock is skipped
@@ -49,9 +45,9 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # 1. Data
 #
-# A sprite is a 128x128 RGBA image. The whole set is decoded once and kept as
-# a uint8 tensor of shape (N, 4, 128, 128): 2,000 sprites take 130 MB, so a
-# training step is a random index into memory, not a PNG decode. Per batch,
+# A sprite is a 128x128 RGBA image. The whole set is decoded once into a uint8
+# tensor (N, 4, 128, 128): 2,000 sprites take 130 MB, so a training step is a
+# random index into memory, not a PNG decode. Per batch,
 #
 #     x = byte / 127.5 - 1        so every channel, alpha too, lies in [-1, 1].
 #
@@ -62,22 +58,13 @@ class UserError(Exception):
 # learn. Images in subfolders are labelled by the top-level subfolder's name
 # (torchvision's ImageFolder convention); a flat folder has no classes.
 #
-# Pixel art is also drawn on a coarse grid: the built-in sprites are 32x32
-# art shown at 4x, so every 4x4 block is one colour. detect_grid finds that
-# block size k in the data, and snap_to_grid forces samples onto it (sec. 5).
+# Pixel art is drawn on a coarse grid: the built-in sprites are 32x32 art shown
+# at 4x, so every 4x4 block is one colour. detect_grid finds that block size k
+# in the data; snap_to_grid puts samples on it (each block gets the mean colour
+# of its opaque pixels, the least-squares choice for a small symmetric jitter).
 # -----------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = {".png", ".gif", ".webp", ".bmp"}
-
-
-def to_8_bit(img):
-    """16-bit and float greyscale ('I;16', 'I', 'F') -> 'L' by scaling; Pillow's convert() would clip."""
-    if img.mode.startswith("I"):
-        return Image.fromarray((np.asarray(img, np.float64) / 257).clip(0, 255).round().astype(np.uint8), "L")
-    if img.mode == "F":
-        a = np.asarray(img, np.float64)
-        return Image.fromarray((a * (255 if a.max() <= 1 else 1)).clip(0, 255).round().astype(np.uint8), "L")
-    return img
 
 
 def load_rgba(path, size=128):
@@ -86,79 +73,65 @@ def load_rgba(path, size=128):
         warnings.simplefilter("always")
         with Image.open(path) as img:
             img.seek(0)  # first frame of an animated GIF/WebP
-            # convert() honours a palette's or a grey/RGB image's transparency key.
-            img = to_8_bit(img).convert("RGBA")
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scale, don't clip
+                a = np.asarray(img, np.float64)
+                a = (a * 255 if a.max() <= 1 else a) if img.mode == "F" else a / 257
+                img = Image.fromarray(a.clip(0, 255).round().astype(np.uint8))
+            img = img.convert("RGBA")  # honours a palette's or grey/RGB image's transparency key
     for w in caught:  # e.g. Pillow's decompression-bomb warning, which does not name the file
         warnings.warn(f"{path}: {w.message}")
-    w, h = img.size
-    if w != h:
-        side = max(w, h)
-        canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = canvas
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.NEAREST)
-    arr = np.array(img, dtype=np.uint8)  # (size, size, 4)
+    side = max(img.size)
+    canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    arr = np.array(canvas.resize((size, size), Image.NEAREST), dtype=np.uint8)  # (size, size, 4)
     arr[arr[..., 3] == 0, :3] = 0
     return arr
-
-
-def list_images(folder):
-    """Image files under `folder` (recursively, hidden ones left out); other files are
-    reported once per suffix, with a count and an example."""
-    paths, skipped = [], {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
-            (paths if p.suffix.lower() in IMAGE_SUFFIXES else skipped.setdefault(p.suffix.lower() or "(no suffix)", [])).append(p)
-    for suffix, files in skipped.items():
-        hint = "; JPEG blurs pixel art, export PNG instead" if suffix in (".jpg", ".jpeg") else ""
-        warnings.warn(f"skipped {len(files)} {suffix} file(s) such as {files[0]}: only PNG, GIF, WebP and BMP are read{hint}")
-    return paths
 
 
 def load_folder(folder, size=128, labels=True):
     """Every readable image under `folder` -> (uint8 (N, 4, size, size), names, classes, y).
 
-    names are paths relative to the folder. With labels and every image inside a
-    subfolder (at least two of them), classes lists the subfolder names and y (N,)
-    holds each image's class index; otherwise classes is [] and y is None.
+    names are paths relative to the folder. With labels, and every image in a
+    subfolder (two or more of them), classes are the sorted subfolder names and
+    y (N,) the class of each image; otherwise classes is [] and y None.
     """
-    folder = Path(folder)
+    folder, skipped, arrays, names = Path(folder), {}, [], []
     if not folder.is_dir():
         raise UserError(f"data folder '{folder}' does not exist or is not a folder")
-    paths = list_images(folder)
-    if not paths:
-        raise UserError(f"data folder '{folder}' contains no PNG, GIF, WebP or BMP images")
-    arrays, names = [], []
-    for p in paths:
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)]
+    for p in files:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.setdefault(p.suffix.lower() or "(no suffix)", []).append(p)
+            continue
         try:
             arrays.append(load_rgba(p, size))
             names.append(p.relative_to(folder).as_posix())
         except Exception as e:  # PIL raises many types for broken files
             warnings.warn(f"skipping unreadable image {p}: {e}")
+    for suffix, paths in skipped.items():
+        hint = "; JPEG blurs pixel art, export PNG instead" if suffix in (".jpg", ".jpeg") else ""
+        warnings.warn(f"skipped {len(paths)} {suffix} file(s) such as {paths[0]}: only PNG, GIF, WebP and BMP are read{hint}")
     if not arrays:
-        raise UserError(f"none of the {len(paths)} images in '{folder}' could be read")
+        n = len(files) - sum(map(len, skipped.values()))
+        raise UserError(f"none of the {n} images in '{folder}' could be read" if n else f"data folder '{folder}' contains no PNG, GIF, WebP or BMP images")
     empty = [n for n, a in zip(names, arrays) if (a[..., 3] > 0).mean() < 0.01]
     if empty:
-        warnings.warn(f"{len(empty)} image(s) such as {folder / empty[0]} are nearly empty (under 1% opaque) "
-                      f"after loading; a very wide or tall image shrinks to a sliver when padded to a square")
+        warnings.warn(f"{len(empty)} image(s) such as {folder / empty[0]} are nearly empty (under 1% opaque) after "
+                      f"loading; a very wide or tall image shrinks to a sliver when padded to a square")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 4, size, size)
     tops = [n.split("/")[0] if "/" in n else None for n in names]
     classes = sorted(set(tops) - {None})
-    if not labels or len(classes) < 2:
-        return x, names, [], None
-    if None in tops:
-        warnings.warn(f"{tops.count(None)} images sit directly in '{folder}', outside the class folders; "
-                      f"training without classes (move them into a class folder to use classes)")
+    if None in tops and classes and labels:
+        warnings.warn(f"{tops.count(None)} images sit directly in '{folder}', outside the class folders; training without classes")
+    if not labels or len(classes) < 2 or None in tops:
         return x, names, [], None
     return x, names, classes, torch.tensor([classes.index(c) for c in tops])
 
 
 def split_train_val(names, val_fraction):
-    """Deterministic split: a file is held out when the hash of its name, read as a
-    number in [0, 1), falls below val_fraction. Unlike a seeded shuffle, this keeps
-    every sprite on its side of the split when files are added later. Tiny folders
-    still get one validation sprite (the one with the smallest hash)."""
+    """Hold out a file when the hash of its name, read as a number in [0, 1), is below
+    val_fraction: unlike a seeded shuffle, every sprite keeps its side of the split
+    when files are added later. Tiny folders still hold out one (the smallest hash)."""
     u = [zlib.crc32(name.encode()) / 2**32 for name in names]
     val = [i for i in range(len(names)) if u[i] < val_fraction]
     if not val and len(names) > 1 and val_fraction > 0:
@@ -168,8 +141,8 @@ def split_train_val(names, val_fraction):
 
 
 def detect_grid(x_uint8, share=0.99):
-    """The largest k in 8, 4, 2 such that `share` of the images (N, 4, H, W) are made
-    of k x k blocks of one colour (alpha included); 1 if none is."""
+    """The largest k in 8, 4, 2 for which `share` of the images (N, 4, H, W) are made
+    of k x k blocks of one colour; 1 if there is none."""
     for k in (8, 4, 2):
         corner = x_uint8[:, :, ::k, ::k].repeat_interleave(k, 2).repeat_interleave(k, 3)
         if (x_uint8 == corner).flatten(1).all(1).float().mean() >= share:
@@ -178,9 +151,8 @@ def detect_grid(x_uint8, share=0.99):
 
 
 def snap_to_grid(x, k):
-    """float (B, 4, H, W) -> the same, constant on every k x k block. Alpha is decided
-    per block (opaque when its mean alpha >= 0); the colour is the mean over the
-    block's opaque pixels, the least-squares choice for small symmetric jitter."""
+    """float (B, 4, H, W) -> the same, constant on every k x k block: opaque where the
+    block's mean alpha is >= 0, coloured with the mean of its opaque pixels."""
     if k == 1:
         return x
     opaque = (x[:, 3:] >= 0).float()  # (B, 1, H, W)
@@ -195,16 +167,13 @@ def to_float(x_uint8):
 
 
 def to_uint8(x, binary_alpha=True):
-    """float (B, 4, H, W) in about [-1, 1] -> uint8 (B, H, W, 4), ready for PNG.
-    Pixel art has binary alpha, so by default alpha is snapped to 0 or 255 and
-    transparent pixels get RGB 0, the convention the loader enforces."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    x = x.permute(0, 2, 3, 1).cpu().contiguous()  # (B, H, W, 4)
+    """float (B, 4, H, W) in about [-1, 1] -> uint8 (B, H, W, 4), ready for PNG. Pixel art
+    has binary alpha, so alpha snaps to 0 or 255 and transparent pixels get RGB 0."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()
     if binary_alpha:
-        alpha = torch.where(x[..., 3] >= 128, 255, 0).to(torch.uint8)
-        x[..., 3] = alpha
-        x[..., :3] *= (alpha > 0).unsqueeze(-1).to(torch.uint8)
-    return x
+        x[..., 3] = torch.where(x[..., 3] >= 128, 255, 0).to(torch.uint8)
+        x[..., :3] *= (x[..., 3:] > 0).to(torch.uint8)
+    return x  # (B, H, W, 4)
 
 
 # -----------------------------------------------------------------------------
@@ -771,37 +740,34 @@ def run_progress(step, seconds, cfg):
 # path would dominate the gradient. Training caps w at weight_cap, so the
 # middle of the path, where colours are decided, learns much faster.
 #
-# Validation: the uncapped loss of the default EMA on held-out sprites at FIXED
+# Validation: the uncapped loss of the default EMA on held-out sprites at fixed
 # seeds for t and eps, so it changes only when the weights do; it picks best.pt.
 #
 # Autoguidance's guide (section 5) trains in the same loop on the same batches
 # for the first guide_fraction of the budget: a half-width U-Net with its own
 # optimizer and EMA. Then it is frozen, and costs nothing more.
 #
-# bf16 runs convolutions at half the memory traffic. On a GPU it is always on.
+# bf16 halves the memory traffic of convolutions. On a GPU it is always on.
 # CPUs with bf16 dot-product instructions (avx512_bf16, amx_bf16, ARM bf16) can
-# be faster in bf16 than in fp32; CPUs without them emulate it, ~50x slower. We
-# read the flags, then time a small training step each way, and print why.
+# be faster in bf16 than in fp32; CPUs without them emulate it, ~50x slower.
+# We read the flags, then time a small training step each way.
 #
 # Nothing is lost, nothing is silent:
-# * A step whose loss or gradient is not finite is skipped (weights and EMA
-#   stay as they were) and counted; MAX_BAD_STEPS in a row means the run has
-#   diverged: it stops without saving, so the last good checkpoint survives.
-#   (The check reads the gradient norm on the host each step: one number.)
+# * A step whose gradient is not finite is skipped (weights and EMA stay as
+#   they were) and counted; MAX_BAD_STEPS in a row, or a non-finite validation
+#   loss, means the run diverged: it stops without saving, so the last good
+#   checkpoint survives. (This reads the gradient norm on the host each step.)
 # * Ctrl-C, SIGTERM and SIGHUP (schedulers, `timeout`, shutdowns) ask the loop
 #   to stop; it saves last.pt and exits cleanly. A second Ctrl-C stops at once.
 # * A lock file (flock, which the OS releases when a process dies, so a killed
 #   run leaves no stale lock) lets one process at a time write a run folder.
-# * Checkpoints go to a temporary file renamed over the old one, so a crash
-#   mid-write never leaves half a last.pt; they hold only tensors, numbers and
-#   strings, so torch.load(..., weights_only=True) reads them safely.
-# * A checkpoint remembers its data folder and a fingerprint of the file list;
+# * Checkpoints go to a temporary file that is renamed over the old one, and
+#   hold only tensors, numbers and strings (torch.load(weights_only=True)).
+# * A checkpoint remembers its data folder and a fingerprint of its file list;
 #   --resume refuses other data unless --allow-new-data says it is meant.
 # -----------------------------------------------------------------------------
 
-DEFAULT_MINUTES = 30.0
-MAX_BAD_STEPS = 5
-T_BUCKETS = 5
+DEFAULT_MINUTES, MAX_BAD_STEPS, T_BUCKETS = 30.0, 5, 5
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -852,17 +818,12 @@ class TrainConfig:
     sample_steps: int = option(20, "Heun steps for the sample grids")
     seed: int = option(0, "random seed (runs are reproducible)")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", DEVICES)
-    bf16: bool = option(None, "bf16 autocast; default: on for CUDA, and on a CPU where a probe finds it faster")
+    bf16: bool = option(None, "bf16 autocast (default: on for CUDA, and on a CPU where a probe finds it faster)")
     compile: bool = option(False, "torch.compile the model")
 
 
 POSITIVE = {"batch_size", "lr", "grad_clip", "t_std", "t_shift", "blocks", "norm_groups", "log_every", "val_every",
             "sample_every", "sample_steps", "warmup", "guide_fraction"}
-
-
-def parse_numbers(text, kind=float):
-    """'32,64,128' -> (32, 64, 128)."""
-    return tuple(kind(c) for c in text.split(","))
 
 
 def check_config(cfg):
@@ -871,22 +832,23 @@ def check_config(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if f.metadata["choices"] and value not in f.metadata["choices"]:
             raise UserError(f"{flag} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
-        if f.type in (int, float) and not math.isfinite(value):
-            raise UserError(f"{flag} must be a finite number, got {value}")
-        if (f.type in (int, float) and value < 0 and f.name != "t_mean") or (value == 0 and f.name in POSITIVE):
-            raise UserError(f"{flag} must be {'positive' if f.name in POSITIVE else 'zero or more'}, got {value}")
-    if cfg.resume and not cfg.run_dir:
-        raise UserError("--resume needs --run-dir to say which run to continue")
+        if f.type in (int, float) and (not math.isfinite(value) or (value < 0 and f.name != "t_mean") or (value == 0 and f.name in POSITIVE)):
+            raise UserError(f"{flag} must be a {'positive' if f.name in POSITIVE else 'non-negative'} finite number, got {value}")
     if max(cfg.val_fraction, cfg.label_dropout) >= 1 or cfg.guide_fraction > 1:
         raise UserError("--val-fraction and --label-dropout must be below 1, --guide-fraction at most 1")
+    if cfg.resume and not cfg.run_dir:
+        raise UserError("--resume needs --run-dir to say which run to continue")
     try:
-        widths, lengths = parse_numbers(cfg.channels, int), parse_numbers(cfg.ema_lengths)
+        widths, lengths = numbers(cfg.channels, int), numbers(cfg.ema_lengths)
     except ValueError:
         raise UserError(f"--channels and --ema-lengths must be comma-separated numbers, got {cfg.channels!r}, {cfg.ema_lengths!r}")
-    if any(c <= 0 or c % 8 for c in widths) or len(widths) > 4:
-        raise UserError("--channels needs at most 4 widths, each a positive multiple of 8")
-    if not all(0 < s <= 0.28 for s in lengths):
-        raise UserError("each --ema-lengths value must lie in (0, 0.28]")
+    if any(c <= 0 or c % 8 for c in widths) or len(widths) > 4 or not all(0 < s <= 0.28 for s in lengths):
+        raise UserError("--channels needs at most 4 widths, each a positive multiple of 8; --ema-lengths values lie in (0, 0.28]")
+
+
+def numbers(text, kind=float):
+    """'32,64,128' -> (32, 64, 128)."""
+    return tuple(kind(c) for c in text.split(","))
 
 
 def pick_device(name):
@@ -904,17 +866,15 @@ def build_model(cfg, device, n_classes=0, guide=False):
     """The U-Net a config describes (the guide: half as wide, no classes). On a GPU the
     default working resolution is 64x64: there is compute to spare for finer positions."""
     unshuffle = cfg.unshuffle or (4 if device.type == "cpu" else 2)
-    widths = tuple(c // 2 if guide else c for c in parse_numbers(cfg.channels, int))
+    widths = tuple(c // 2 if guide else c for c in numbers(cfg.channels, int))
     return UNet(widths, cfg.blocks, unshuffle, cfg.target, cfg.schedule, cfg.norm_groups, 0 if guide else n_classes)
 
 
 def sample_t(n, cfg, generator, device):
     """Training times: uniform, or logit-normal t = sigmoid(m + s n) (peaked near sigmoid(m)), then shifted."""
     if cfg.t_dist == "uniform":
-        t = torch.rand(n, generator=generator, device=device)
-    else:
-        t = torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(n, generator=generator, device=device))
-    return shift_time(t, cfg.t_shift)
+        return shift_time(torch.rand(n, generator=generator, device=device), cfg.t_shift)
+    return shift_time(torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(n, generator=generator, device=device)), cfg.t_shift)
 
 
 def drop_labels(c, p, n_classes, generator):
@@ -931,58 +891,49 @@ def flow_matching_loss(model, z, t, eps, c, target, sched, weight_cap=None):
     if target == "velocity":
         return (out - conditional_vector_field(z, t, eps, sched)).pow(2).flatten(1).mean(1)
     w = data_coefficients(t, sched, t)[0] ** 2  # (B,): u(z_hat) - u(z) = a (z_hat - z)
-    if weight_cap:
-        w = w.clamp(max=weight_cap)
-    return w * (out - z).pow(2).flatten(1).mean(1)
+    return (w.clamp(max=weight_cap) if weight_cap else w) * (out - z).pow(2).flatten(1).mean(1)
 
 
 @torch.no_grad()
 def validation_loss(model, val_x, val_y, cfg, device, bf16, batch_size=64):
     """Mean flow-matching loss on held-out sprites at fixed seeds (see above)."""
     model.eval()
-    gen = torch.Generator().manual_seed(1234)
-    total = 0.0
-    for start in range(0, len(val_x), batch_size):
-        z = to_float(val_x[start:start + batch_size]).to(device)
-        c = None if val_y is None else val_y[start:start + batch_size].to(device)
-        t = torch.rand(len(z), generator=gen).to(device)
-        eps = torch.randn(z.shape, generator=gen).to(device)
+    gen, total = torch.Generator().manual_seed(1234), 0.0
+    for i in range(0, len(val_x), batch_size):
+        z = to_float(val_x[i:i + batch_size]).to(device)
+        t, eps = torch.rand(len(z), generator=gen).to(device), torch.randn(z.shape, generator=gen).to(device)
         with autocast(device, bf16):
-            total += flow_matching_loss(model, z, t, eps, c, cfg.target, cfg.schedule).sum().item()
+            total += flow_matching_loss(model, z, t, eps, None if val_y is None else val_y[i:i + batch_size].to(device),
+                                        cfg.target, cfg.schedule).sum().item()
     return total / len(val_x)
 
 
 def cpu_has_bf16():
     """Does /proc/cpuinfo list bf16 dot-product instructions? (False where there is none.)"""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        return bool(set(Path("/proc/cpuinfo").read_text().split()) & {"avx512_bf16", "amx_bf16", "bf16"})
     except OSError:
         return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def probe_step_ms(model, device, bf16, batch=8, reps=3):
-    """Milliseconds of one forward and backward pass on a small batch (best of the last reps)."""
-    x, t = torch.randn(batch, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device), torch.full((batch,), 0.5, device=device)
-    times = []
-    for _ in range(reps):
+def probe_step_ms(model, device, bf16, batch=8):
+    """Milliseconds of one forward and backward pass on a small batch (best of two, after one)."""
+    x, t, times = torch.randn(batch, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device), torch.full((batch,), 0.5, device=device), []
+    for _ in range(3):
         start = time.perf_counter()
         with autocast(device, bf16):
-            loss = model(x, t).float().square().mean()
-        loss.backward()
+            model(x, t).float().square().mean().backward()
         times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     return 1000 * min(times[1:])
 
 
 def decide_bf16(asked, device, model):
-    """(use bf16?, why): --bf16/--no-bf16 if given; on CUDA yes; on a CPU, by its flags and a probe."""
+    """(use bf16?, why): --bf16/--no-bf16 if given; on CUDA yes; on a CPU by its flags and a probe."""
     if asked is not None:
         return asked, "as asked"
-    if device.type != "cpu":
-        return device.type == "cuda", device.type
-    if not cpu_has_bf16():
-        return False, "this CPU lists no bf16 instructions"
+    if device.type != "cpu" or not cpu_has_bf16():
+        return device.type == "cuda", device.type if device.type != "cpu" else "this CPU lists no bf16 instructions"
     fp32, bf16 = probe_step_ms(model, device, False), probe_step_ms(model, device, True)
     return bf16 < 0.9 * fp32, f"a probe step took {bf16:.0f} ms in bf16, {fp32:.0f} ms in fp32"
 
@@ -996,22 +947,19 @@ def assert_finite(path, *state_dicts):
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: the old file survives any crash."""
     assert_finite(path, state["model"], *state["ema"].values())
-    tmp = Path(str(path) + ".tmp")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        torch.save(state, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
     except OSError as e:
         raise UserError(f"cannot write checkpoint '{path}': {e.strerror or e}")
 
 
 def read_checkpoint(path):
-    """Load and sanity-check a checkpoint; any failure becomes one UserError sentence.
-    Older checkpoints load too: 32 norm groups, one classic EMA, no classes, grid 1."""
+    """Load and check a checkpoint; any failure becomes one sentence. Older checkpoints
+    load too: 32 norm groups, one classic EMA "0.999", no classes, grid 1."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"checkpoint '{path}' is a folder; give a file such as '{path / 'last.pt'}'")
     if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist")
+        raise UserError(f"checkpoint '{path}' is a folder; give a file such as '{path / 'last.pt'}'" if path.is_dir() else f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -1021,20 +969,19 @@ def read_checkpoint(path):
         TrainConfig(**ckpt["config"]), ckpt["model"], ckpt["step"], ckpt["unshuffle"]
     except Exception:
         raise UserError(f"checkpoint '{path}' is corrupt or not a SpriteFlow checkpoint")
-    return {"classes": [], "grid": 1, "seconds": 0.0, "skipped": 0, **ckpt}
+    return {"classes": [], "class_counts": [], "grid": 1, "seconds": 0.0, "skipped": 0, **ckpt}
 
 
 def load_models(path, device="cpu", ema=None):
     """(model, guide or None, checkpoint) ready to sample: the EMA of length `ema`
-    (default: the first kept), and the autoguidance guide if the run trained one."""
+    (default: the first kept) and the autoguidance guide if the run trained one."""
     ckpt = read_checkpoint(path)
     cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), unshuffle=ckpt["unshuffle"])
     key = ema or next(iter(ckpt["ema"]))
     if key not in ckpt["ema"]:
         raise UserError(f"checkpoint '{path}' keeps no EMA of length {key}; it has {', '.join(ckpt['ema'])}")
     nets = [(build_model(cfg, device, len(ckpt["classes"])), ckpt["ema"][key])]
-    if "guide" in ckpt:
-        nets.append((build_model(cfg, device, guide=True), ckpt["guide"]))
+    nets += [(build_model(cfg, device, guide=True), ckpt["guide"])] if "guide" in ckpt else []
     for net, weights in nets:
         assert_finite(path, weights)
         try:
@@ -1045,45 +992,17 @@ def load_models(path, device="cpu", ema=None):
     return nets[0][0], nets[1][0] if len(nets) > 1 else None, ckpt
 
 
-def setup_distributed(device):
-    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK;
-    each process then trains on its own shard and DDP averages gradients."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def check_ranks_in_sync(model, rank, world):
-    """DDP keeps replicas identical by averaging gradients; verify it: the
-    element-wise max and min of the weights over all ranks must coincide."""
-    flat = nn.utils.parameters_to_vector(model.parameters()).detach().float()
-    hi, lo = flat.clone(), flat.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    if rank == 0:
-        print(f"\nweights identical across {world} ranks: {torch.equal(hi, lo)}", file=sys.stderr)
-
-
 def claim_run_dir(cfg):
-    """The run folder, created if needed (a new dated one by default), and its lock:
-    run_dir/lock holds the PID of the one process allowed to write here."""
+    """The run folder (a new dated one by default) and its lock: run_dir/lock holds the
+    PID of the one process allowed to write there. Returns (folder, lock fd, created)."""
     base = Path(cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = base if cfg.run_dir else next(p for p in [base] + [Path(f"{base}-{k}") for k in range(1, 1000)] if not p.exists())
     try:
-        if cfg.run_dir:
-            base.mkdir(parents=True, exist_ok=True)
-            run_dir = base
-        else:  # mkdir without exist_ok is atomic: two runs started together get two folders
-            run_dir = next(p for p in [base] + [Path(f"{base}-{k}") for k in range(1, 1000)] if not p.exists())
-            run_dir.mkdir(parents=True)
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=bool(cfg.run_dir))  # without exist_ok, mkdir claims atomically
         fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise UserError(f"cannot create or write the run folder '{base}': {e.strerror or e}")
+        raise UserError(f"cannot create or write the run folder '{run_dir}': {e.strerror or e}")
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1095,105 +1014,101 @@ def claim_run_dir(cfg):
     os.write(fd, str(os.getpid()).encode())
     for stale in run_dir.glob("*.tmp"):  # left by a process killed mid-save
         stale.unlink()
-    return run_dir, fd
-
-
-def resumed_config(cfg, ckpt, run_dir):
-    """The recipe comes from the checkpoint; the budget, and the data folder when
-    --allow-new-data says so, from this command line."""
-    old = TrainConfig(**ckpt["config"])
-    budget = {"max_steps": cfg.max_steps, "max_minutes": cfg.max_minutes} if cfg.max_steps or cfg.max_minutes else {}
-    data = cfg.data or ckpt.get("data") or old.data
-    if cfg.data and "data" in ckpt and Path(cfg.data).resolve() != Path(ckpt["data"]) and not cfg.allow_new_data:
-        raise UserError(f"this run trained on '{ckpt['data']}', not '{cfg.data}'; leave out --data, or add --allow-new-data")
-    return dataclasses.replace(old, resume=True, run_dir=str(run_dir), data=data, allow_new_data=cfg.allow_new_data, bf16=cfg.bf16, **budget)
+    return run_dir, fd, created
 
 
 def start_run(cfg, rank, world, device):
-    """Everything the loop needs, as one namespace: folder and lock, data on the
-    device, networks, optimizer and the state of a resumed run."""
-    s = argparse.Namespace(cfg=cfg, rank=rank, is_main=rank == 0, world=world, device=device, lock=None, log_file=None)
-    s.run_dir, s.lock = claim_run_dir(cfg) if s.is_main else (Path(cfg.run_dir), None)
+    """Everything the loop needs, as one namespace `s`: folder and lock, config (the
+    checkpoint's on --resume), data on the device, networks and optimizer state."""
+    s = argparse.Namespace(rank=rank, is_main=rank == 0, world=world, device=device, lock=None, log_file=None, ckpt=None)
+    s.run_dir, s.lock, created = claim_run_dir(cfg) if s.is_main else (Path(cfg.run_dir), None, False)
     try:
-        prepare(s, cfg)
+        if cfg.resume:
+            s.ckpt = read_checkpoint(s.run_dir / "last.pt")
+            cfg = resumed_config(cfg, s.ckpt)
+        elif (s.run_dir / "last.pt").exists():
+            raise UserError(f"'{s.run_dir}' already holds a checkpoint; add --resume to continue it or pick another --run-dir")
+        s.default_budget = not (cfg.max_steps or cfg.max_minutes)
+        s.cfg = dataclasses.replace(cfg, max_minutes=DEFAULT_MINUTES) if s.default_budget else cfg
+        load_data(s)
+        build_networks(s)
+        if s.is_main:
+            open_log(s)
     except BaseException:
         if s.lock is not None:
             os.close(s.lock)  # releases the flock
-            if [p.name for p in s.run_dir.iterdir()] == ["lock"]:  # nothing of value: leave no empty run behind
+            if created and [p.name for p in s.run_dir.iterdir()] == ["lock"]:  # leave no empty run behind
                 (s.run_dir / "lock").unlink()
                 s.run_dir.rmdir()
         raise
     return s
 
 
-def prepare(s, cfg):
-    """start_run's work once the folder is ours."""
-    ckpt = None
-    if cfg.resume:
-        ckpt = read_checkpoint(s.run_dir / "last.pt")
-        cfg = s.cfg = resumed_config(cfg, ckpt, s.run_dir)
-    elif (s.run_dir / "last.pt").exists():
-        raise UserError(f"'{s.run_dir}' already holds a checkpoint; add --resume to continue it or pick another --run-dir")
-    if not cfg.max_steps and not cfg.max_minutes:
-        cfg = s.cfg = dataclasses.replace(cfg, max_minutes=DEFAULT_MINUTES)
-    load_data(s, ckpt)
-    build_networks(s, ckpt)
-    if s.is_main:
-        open_log(s, ckpt)
-        if cfg.max_minutes == DEFAULT_MINUTES and not cfg.max_steps:
-            print(f"training for {DEFAULT_MINUTES:g} minutes, the default budget (set --max-minutes or --max-steps)", file=sys.stderr)
-        print(f"{len(s.names)} sprites ({len(s.train_idx)} train, {len(s.val_x)} val) from {s.data_path}"
-              f"{'; classes ' + ', '.join(f'{c} {n}' for c, n in zip(s.classes, s.class_counts)) if s.classes else ', no classes'}; "
-              f"pixel grid {s.grid}; {sum(p.numel() for p in s.model.parameters()) / 1e6:.1f}M parameters"
-              f"{' + guide ' + format(sum(p.numel() for p in s.guide_ema.parameters()) / 1e6, '.1f') + 'M' if s.guide_ema else ''}; "
-              f"device {s.device}{' x' + str(s.world) if s.world > 1 else ''}; bf16 {'on' if s.bf16 else 'off'} ({s.bf16_why}); "
-              f"run folder {s.run_dir}", file=sys.stderr)
+def resumed_config(cfg, ckpt):
+    """The recipe comes from the checkpoint; the budget, and other data when
+    --allow-new-data says so, from this command line."""
+    old, data = TrainConfig(**ckpt["config"]), cfg.data or ckpt.get("data", "")
+    if cfg.data and "data" in ckpt and Path(cfg.data).resolve() != Path(ckpt["data"]) and not cfg.allow_new_data:
+        raise UserError(f"this run trained on '{ckpt['data']}', not '{cfg.data}'; leave out --data, or add --allow-new-data")
+    budget = {"max_steps": cfg.max_steps, "max_minutes": cfg.max_minutes} if cfg.max_steps or cfg.max_minutes else {}
+    return dataclasses.replace(old, resume=True, run_dir=cfg.run_dir, data=data, allow_new_data=cfg.allow_new_data, bf16=cfg.bf16, **budget)
 
 
-def load_data(s, ckpt):
+def load_data(s):
     """Sprites and labels onto the device; under torchrun each rank keeps every world-th training sprite."""
-    cfg = s.cfg
-    data, s.names, s.classes, y = load_folder(cfg.data or "data/images", labels=cfg.labels)
+    cfg, ckpt = s.cfg, s.ckpt
     s.data_path = str(Path(cfg.data or "data/images").resolve())
+    data, s.names, s.classes, y = load_folder(s.data_path, labels=cfg.labels)
     s.fingerprint = hashlib.sha256("\n".join(s.names).encode()).hexdigest()[:16]
-    if ckpt is not None and ckpt.get("fingerprint", s.fingerprint) != s.fingerprint and not cfg.allow_new_data:
-        raise UserError(f"the files in '{cfg.data}' changed since this run started; add --allow-new-data to go on with them")
-    if ckpt is not None and s.classes != ckpt["classes"]:
+    if ckpt and ckpt.get("fingerprint", s.fingerprint) != s.fingerprint and not cfg.allow_new_data:
+        raise UserError(f"the files in '{s.data_path}' changed since this run started; add --allow-new-data to go on with them")
+    if ckpt and s.classes != ckpt["classes"]:
         raise UserError(f"this run has the classes [{', '.join(ckpt['classes'])}] but the data has [{', '.join(s.classes)}]")
     s.class_counts = [int((y == k).sum()) for k in range(len(s.classes))]
     s.grid = ckpt["grid"] if ckpt else (detect_grid(data) if cfg.grid == "auto" else int(cfg.grid))
     s.train_idx, val_idx = split_train_val(s.names, cfg.val_fraction)
-    shard = slice(s.rank, None, s.world)
-    s.train_x = data[s.train_idx][shard].to(s.device)  # (N_train / world, 4, 128, 128) uint8
-    s.train_y = None if y is None else y[s.train_idx][shard].to(s.device)  # (N_train / world,)
-    # At most 512 held-out sprites: enough for a stable number, cheap enough to run often.
-    s.val_x, s.val_y = data[val_idx][:512], None if y is None else y[val_idx][:512]
+    shard = s.train_idx[s.rank::s.world]
+    s.train_x = data[shard].to(s.device)  # (N_train / world, 4, 128, 128) uint8
+    s.train_y = None if y is None else y[shard].to(s.device)  # (N_train / world,)
+    s.val_x, s.val_y = data[val_idx][:512], None if y is None else y[val_idx][:512]  # enough for a stable number
 
 
-def build_networks(s, ckpt):
-    """Model, EMAs, AdamW, the training RNG and, for autoguidance, the guide."""
-    cfg, device = s.cfg, s.device
+def build_networks(s):
+    """Model, EMAs, AdamW, the training RNG and, for autoguidance, the guide; a checkpoint's
+    state on --resume, so that the run continues exactly."""
+    cfg, device, ckpt = s.cfg, s.device, s.ckpt
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     s.model = build_model(cfg, device, len(s.classes)).to(device)
     if device.type == "cuda":  # tensor cores prefer NHWC convolutions
         s.model = s.model.to(memory_format=torch.channels_last)
-    s.lengths = parse_numbers(cfg.ema_lengths)
-    s.gammas = [ema_gamma(length) for length in s.lengths]
-    s.emas = [copy.deepcopy(s.model).requires_grad_(False) for _ in s.lengths]
+    s.lengths = numbers(cfg.ema_lengths)
+    s.gammas, s.emas = [ema_gamma(k) for k in s.lengths], [copy.deepcopy(s.model).requires_grad_(False) for _ in s.lengths]
     # AdamW: per-parameter step sizes, weight decay applied to the weights directly.
     # beta2 = 0.99 lets the second moment follow the loss scale, which shifts a lot.
     s.opt = torch.optim.AdamW(s.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     # Every random draw of training comes from this one generator, so saving its
     # state makes a resumed run draw exactly what the uninterrupted run would have.
     s.gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + s.rank)
-    s.step, s.seconds, s.best_val, s.skipped, s.bad_in_row = 0, 0.0, float("inf"), 0, 0
-    with_guide = cfg.guide == "on" or (cfg.guide == "auto" and not s.classes)
-    s.guide = build_model(cfg, device, guide=True).to(device) if with_guide and s.is_main else None
-    s.guide_ema = copy.deepcopy(s.guide).requires_grad_(False) if s.guide is not None else None
-    s.guide_opt = torch.optim.AdamW(s.guide.parameters(), lr=cfg.lr, betas=(0.9, 0.99)) if s.guide is not None else None
-    if ckpt is not None:
-        restore(s, ckpt)
-    s.bf16, s.bf16_why = (ckpt["bf16"], "as when the run began") if ckpt and cfg.bf16 is None and "bf16" in ckpt else decide_bf16(cfg.bf16, device, s.model)
+    s.step, s.seconds, s.best_val, s.skipped, s.bad_in_row, s.guide = 0, 0.0, float("inf"), 0, 0, None
+    if s.is_main and (cfg.guide == "on" or (cfg.guide == "auto" and not s.classes)) and not (ckpt and "guide_model" not in ckpt):
+        s.guide = build_model(cfg, device, guide=True).to(device)
+        s.guide_opt = torch.optim.AdamW(s.guide.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    s.guide_ema = copy.deepcopy(s.guide).requires_grad_(False) if s.guide else None
+    if ckpt:
+        s.model.load_state_dict(ckpt["model"])
+        for length, ema in zip(s.lengths, s.emas):
+            ema.load_state_dict(ckpt["ema"][str(length)])
+        s.opt.load_state_dict(ckpt["optimizer"])
+        s.step, s.seconds, s.best_val, s.skipped = ckpt["step"], ckpt["seconds"], ckpt["best_val"], ckpt["skipped"]
+        # Only rank 0's stream is saved; other ranks restart theirs from a seed that depends on the step.
+        s.gen.set_state(ckpt["rng"]) if s.rank == 0 else s.gen.manual_seed(cfg.seed * 1000 + s.rank + 7919 * s.step)
+        if s.guide:
+            s.guide.load_state_dict(ckpt["guide_model"])
+            s.guide_opt.load_state_dict(ckpt["guide_optimizer"])
+        if "guide" in ckpt and s.is_main:
+            s.guide_ema = build_model(cfg, device, guide=True).to(device).requires_grad_(False)
+            s.guide_ema.load_state_dict(ckpt["guide"])
+    s.bf16, s.bf16_why = (ckpt["bf16"], "as when the run began") if ckpt and cfg.bf16 is None else decide_bf16(cfg.bf16, device, s.model)
     s.amp = autocast(device, s.bf16)
     # `net` is what the step calls: maybe wrapped by DDP (which all-reduces gradients
     # in backward) and/or torch.compile; `model` is the plain module we average and save.
@@ -1201,35 +1116,15 @@ def build_networks(s, ckpt):
     s.net = torch.compile(s.net) if cfg.compile else s.net
 
 
-def restore(s, ckpt):
-    """Put a checkpoint's state back, so the run continues exactly."""
-    s.model.load_state_dict(ckpt["model"])
-    for length, ema in zip(s.lengths, s.emas):
-        ema.load_state_dict(ckpt["ema"][str(length)])
-    s.opt.load_state_dict(ckpt["optimizer"])
-    s.step, s.seconds, s.best_val, s.skipped = ckpt["step"], ckpt["seconds"], ckpt["best_val"], ckpt["skipped"]
-    # Only rank 0's stream is saved; other ranks restart theirs from a seed that depends on the step.
-    s.gen.set_state(ckpt["rng"]) if s.rank == 0 else s.gen.manual_seed(s.cfg.seed * 1000 + s.rank + 7919 * s.step)
-    if s.guide is not None and "guide_model" in ckpt:
-        s.guide.load_state_dict(ckpt["guide_model"])
-        s.guide_opt.load_state_dict(ckpt["guide_optimizer"])
-    if s.guide_ema is not None and "guide" in ckpt:
-        s.guide_ema.load_state_dict(ckpt["guide"])
-    if "guide_model" not in ckpt:  # its training phase is over (or it never had one)
-        s.guide = s.guide_opt = None
-
-
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "val_loss"] + [f"loss_t{k}" for k in range(T_BUCKETS)] + ["minutes", "skipped"]
 
 
-def open_log(s, ckpt):
-    """training_log.csv: a new one, or on resume the old one without rows past the checkpoint."""
-    path = s.run_dir / "training_log.csv"
-    rows = []
-    if ckpt is not None and path.exists():
+def open_log(s):
+    """training_log.csv (kept on resume, minus rows past the checkpoint) and the first words."""
+    path, rows = s.run_dir / "training_log.csv", []
+    if s.ckpt and path.exists():
         with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f)][1:]
-        rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= s.step]
+            rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= s.step]
     try:
         (s.run_dir / "samples").mkdir(exist_ok=True)
         s.log_file = open(path, "w", newline="")
@@ -1237,22 +1132,28 @@ def open_log(s, ckpt):
         raise UserError(f"cannot write to the run folder '{s.run_dir}': {e.strerror or e}")
     s.log = csv.writer(s.log_file)
     s.log.writerows([LOG_COLUMNS] + rows)
-    s.stats = torch.zeros(2 * T_BUCKETS + 2, device=s.device)  # bucket sums, bucket counts, loss, grad norm
+    s.stats = torch.zeros(2 * T_BUCKETS + 2, device=s.device)  # per-bucket loss sums and counts, loss, grad norm
     s.window_steps, s.window_start, s.saved_step = 0, time.time(), s.step
+    if s.default_budget:
+        print(f"training for {DEFAULT_MINUTES:g} minutes, the default budget (set --max-minutes or --max-steps)", file=sys.stderr)
+    classes = "; classes " + ", ".join(f"{c} {n}" for c, n in zip(s.classes, s.class_counts)) if s.classes else ", no classes"
+    params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
+    print(f"{len(s.names)} sprites ({len(s.train_idx)} train, {len(s.val_x)} val) from {s.data_path}{classes}; pixel grid {s.grid}; "
+          f"{params(s.model)} parameters{' + guide ' + params(s.guide_ema) if s.guide_ema else ''}; device {s.device}"
+          f"{' x' + str(s.world) if s.world > 1 else ''}; bf16 {'on' if s.bf16 else 'off'} ({s.bf16_why}); run folder {s.run_dir}", file=sys.stderr)
 
 
 def train(cfg, stop_after=None):
-    """Train per `cfg` and return the run folder. `stop_after` ends the loop at that
-    step as if interrupted (the tests use it to check resuming)."""
+    """Train per `cfg` and return the run folder: set up, step until the budget is spent
+    or a stop is asked for, save. `stop_after` stops at that step (tests of resuming)."""
     check_config(cfg)
     rank, world, device = setup_distributed(pick_device(cfg.device))
-    s = None
-    handlers, stop = {}, {"signal": None}
+    s, handlers, stop = None, {}, []
 
     def ask_to_stop(signum, frame):
-        if stop["signal"] == signal.SIGINT and signum == signal.SIGINT:
+        if stop and signum == signal.SIGINT == stop[0]:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
-        stop["signal"] = signum
+        stop.append(signum)
 
     try:
         s = start_run(cfg, rank, world, device)
@@ -1260,48 +1161,34 @@ def train(cfg, stop_after=None):
             if hasattr(signal, name):
                 handlers[name] = signal.signal(getattr(signal, name), ask_to_stop)
         s.started, s.start_step = time.time(), s.step
-        why = "done"
         while True:
-            seconds = s.seconds + time.time() - s.started
-            progress = run_progress(s.step, seconds, s.cfg)
-            asked = stop["signal"] is not None or (stop_after is not None and s.step >= stop_after)
-            if any_rank(progress >= 1 or asked, world, device):
-                why = "done" if progress >= 1 else "interrupted"
+            progress = run_progress(s.step, s.seconds + time.time() - s.started, s.cfg)
+            if any_rank(progress >= 1 or bool(stop) or s.step == stop_after, world, device):
                 break
             one_step(s, progress)
-        finish(s, why)
+        finish(s, "done" if progress >= 1 else "interrupted")
         return s.run_dir
     finally:
         for name, handler in handlers.items():
             signal.signal(getattr(signal, name), handler)
-        if s is not None and s.log_file:
+        if s and s.log_file:
             s.log_file.close()
-        if s is not None and s.lock is not None:
+        if s and s.lock is not None:
             os.close(s.lock)  # releases the flock
         if world > 1:
             dist.destroy_process_group()
 
 
-def any_rank(flag, world, device):
-    """True if `flag` holds on any rank: all ranks must leave the loop at the same step."""
-    if world == 1:
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def train_step(net, model, opt, z, t, eps, c, cfg, amp, lr):
     """One optimisation step; returns per-sample losses (B,), the gradient norm, and
-    whether the step was taken (False: the loss or gradient was not finite)."""
+    whether the step was taken (not when the gradient is not finite)."""
     for group in opt.param_groups:
         group["lr"] = lr
     with amp:
         per_sample = flow_matching_loss(net, z, t, eps, c, cfg.target, cfg.schedule, cfg.weight_cap)
     opt.zero_grad(set_to_none=True)
     per_sample.mean().backward()
-    # Rare large gradients (early on, or on spikes) are scaled down, not followed.
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # spikes are scaled down, not followed
     finite = bool(torch.isfinite(grad_norm))
     if finite:
         opt.step()
@@ -1312,77 +1199,65 @@ def one_step(s, progress):
     """Draw a batch, take the step (and the guide's), update the EMAs, keep the books."""
     cfg, gen, device, B = s.cfg, s.gen, s.device, s.cfg.batch_size
     s.model.train()
-    lr = lr_at(s.step, progress, cfg.lr, cfg.warmup)
-    # Sampling with replacement: steps, not epochs, are the unit of training.
-    idx = torch.randint(len(s.train_x), (B,), generator=gen, device=device)
+    s.lr = lr_at(s.step, progress, cfg.lr, cfg.warmup)
+    idx = torch.randint(len(s.train_x), (B,), generator=gen, device=device)  # with replacement: steps, not epochs
     z = to_float(s.train_x[idx])  # (B, 4, 128, 128) in [-1, 1]
     if cfg.flip:
         z = torch.where(expand(torch.rand(B, generator=gen, device=device) < 0.5, z), z.flip(-1), z)
     t = sample_t(B, cfg, gen, device)  # (B,)
     eps = torch.randn(z.shape, generator=gen, device=device)  # (B, 4, 128, 128)
     c = None if s.train_y is None else drop_labels(s.train_y[idx], cfg.label_dropout, len(s.classes), gen)  # (B,)
-    per_sample, grad_norm, finite = train_step(s.net, s.model, s.opt, z, t, eps, c, cfg, s.amp, lr)
-    s.lr = lr
+    per_sample, grad_norm, finite = train_step(s.net, s.model, s.opt, z, t, eps, c, cfg, s.amp, s.lr)
     s.step += 1
+    s.bad_in_row, s.skipped = (0, s.skipped) if finite else (s.bad_in_row + 1, s.skipped + 1)
     if finite:
         ema_update(s.emas, s.model, s.step, s.gammas)
-        s.bad_in_row = 0
-    else:
-        s.skipped, s.bad_in_row = s.skipped + 1, s.bad_in_row + 1
-        if s.bad_in_row >= MAX_BAD_STEPS:
-            raise UserError(diverged_message(s, f"the loss was not finite for {MAX_BAD_STEPS} steps in a row"))
-    if s.guide is not None:
-        if progress < cfg.guide_fraction:
-            if train_step(s.guide, s.guide, s.guide_opt, z, t, eps, None, cfg, s.amp, lr)[2]:
-                ema_update([s.guide_ema], s.guide, s.step, s.gammas[:1])
-        else:  # its share of the budget is spent: keep only its EMA
-            s.guide = s.guide_opt = None
+    elif s.bad_in_row >= MAX_BAD_STEPS:
+        raise UserError(diverged(s, f"the loss was not finite for {MAX_BAD_STEPS} steps in a row"))
+    if s.guide and progress < cfg.guide_fraction:
+        if train_step(s.guide, s.guide, s.guide_opt, z, t, eps, None, cfg, s.amp, s.lr)[2]:
+            ema_update([s.guide_ema], s.guide, s.step, s.gammas[:1])
+    elif s.guide:  # its share of the budget is spent: keep only its EMA
+        s.guide = s.guide_opt = None
     if s.is_main:
-        keep_books(s, per_sample, grad_norm, t)
+        bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)  # per-t losses: where is the flow hard?
+        s.stats[:T_BUCKETS].index_add_(0, bucket, per_sample.float())
+        s.stats[T_BUCKETS:2 * T_BUCKETS].index_add_(0, bucket, torch.ones_like(t))
+        s.stats[-2:] += torch.stack([per_sample.float().mean(), grad_norm.float()])  # stays on the device until a row
+        s.window_steps += 1
+        if s.step % cfg.val_every == 0 or s.step % cfg.log_every == 0:
+            write_row(s, validate=s.step % cfg.val_every == 0)
+        if s.step % cfg.sample_every == 0:
+            labels = class_plan(16, s.classes, s.class_counts) if s.classes else None
+            sprites = generate(s.emas[0], 16, cfg.sample_steps, seed=cfg.seed + 12345, device=device, labels=labels, grid=s.grid)
+            sprite_sheet(sprites, cols=4).save(s.run_dir / "samples" / f"step_{s.step:07d}.png")
 
 
-def diverged_message(s, what):
+def diverged(s, what):
+    """The sentence a diverged run ends with."""
     last = s.run_dir / "last.pt"
     kept = f"the last good checkpoint is {last} (step {read_checkpoint(last)['step']})" if last.exists() else "no checkpoint was written"
     return f"training diverged at step {s.step}: {what} at lr {s.lr:.2g}; {kept}; try a lower --lr than {s.cfg.lr:g}"
 
 
-def keep_books(s, per_sample, grad_norm, t):
-    """Rank 0: log statistics stay on the device between rows (reading them every
-    step would make a GPU wait); rows, validation, checkpoints and sample grids."""
-    bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)  # per-t losses: where is the flow hard?
-    s.stats[:T_BUCKETS].index_add_(0, bucket, per_sample.float())
-    s.stats[T_BUCKETS:2 * T_BUCKETS].index_add_(0, bucket, torch.ones_like(t))
-    s.stats[-2:] += torch.stack([per_sample.float().mean(), grad_norm.float()])
-    s.window_steps += 1
-    validate = s.step % s.cfg.val_every == 0
-    if validate or s.step % s.cfg.log_every == 0:
-        write_row(s, validate)
-    if s.step % s.cfg.sample_every == 0:
-        labels = class_plan(16, s.classes, s.class_counts) if s.classes else None
-        sprites = generate(s.emas[0], 16, s.cfg.sample_steps, seed=s.cfg.seed + 12345, device=s.device, labels=labels, grid=s.grid)
-        sprite_sheet(sprites, cols=4).save(s.run_dir / "samples" / f"step_{s.step:07d}.png")
-
-
 def write_row(s, validate):
-    """One CSV row and progress line for the steps since the last; with `validate`, the
-    validation loss, best.pt when it improved, and last.pt."""
+    """A CSV row and progress line for the steps since the last row; with `validate`,
+    the validation loss, best.pt when it improved, and last.pt."""
     cfg, now = s.cfg, time.time()
-    minutes = (s.seconds + now - s.started) / 60
-    img_s = s.window_steps * cfg.batch_size * s.world / max(now - s.window_start, 1e-9)
+    minutes, img_s = (s.seconds + now - s.started) / 60, s.window_steps * cfg.batch_size * s.world / max(now - s.window_start, 1e-9)
     val = validation_loss(s.emas[0], s.val_x, s.val_y, cfg, s.device, s.bf16) if validate else None
     stats = s.stats.tolist()
-    buckets = [f"{a / n:.5f}" if n else "" for a, n in zip(stats[:T_BUCKETS], stats[T_BUCKETS:2 * T_BUCKETS])]
-    loss, grad = stats[-2] / s.window_steps, stats[-1] / s.window_steps
+    loss = stats[-2] / s.window_steps
     s.log.writerow([s.step, f"{s.step * cfg.batch_size * s.world / len(s.train_idx):.3f}", f"{loss:.5f}", f"{s.lr:.3e}",
-                    f"{grad:.4f}", f"{img_s:.2f}", "" if val is None else f"{val:.5f}"] + buckets + [f"{minutes:.2f}", s.skipped])
+                    f"{stats[-1] / s.window_steps:.4f}", f"{img_s:.2f}", "" if val is None else f"{val:.5f}"]
+                   + [f"{a / n:.5f}" if n else "" for a, n in zip(stats[:T_BUCKETS], stats[T_BUCKETS:2 * T_BUCKETS])] + [f"{minutes:.2f}", s.skipped])
     s.log_file.flush()
     pace = (now - s.started) / 60 / max(s.step - s.start_step, 1)  # this session's minutes per step
     print(f"{progress_text(s.step, minutes, pace, cfg)} loss {loss:.4f} lr {s.lr:.1e} {img_s:.1f} img/s",
           end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
     if val is not None:
         if not math.isfinite(val):
-            raise UserError(diverged_message(s, "the validation loss was not finite"))
+            raise UserError(diverged(s, "the validation loss was not finite"))
         if val < s.best_val:
             s.best_val = val
             save_checkpoint(s.run_dir / "best.pt", checkpoint_state(s))
@@ -1393,8 +1268,8 @@ def write_row(s, validate):
 
 
 def progress_text(step, minutes, pace, cfg):
-    """'step S (M min of the budget, eta E min)': the ETA uses this session's pace
-    (minutes per step) for a step budget, and never runs past the time budget."""
+    """'step S (M min; budget B, eta E min)': the ETA uses this session's pace (minutes
+    per step) for a step budget, and never runs past the time budget."""
     etas = [(cfg.max_steps - step) * pace] * bool(cfg.max_steps) + [cfg.max_minutes - minutes] * bool(cfg.max_minutes)
     budget = " and ".join([f"{cfg.max_steps} steps"] * bool(cfg.max_steps) + [f"{cfg.max_minutes:g} min"] * bool(cfg.max_minutes))
     return f"step {step} ({minutes:.1f} min; budget {budget}, eta {max(min(etas), 0):.0f} min)"
@@ -1408,15 +1283,15 @@ def checkpoint_state(s):
              "best_val": s.best_val, "rng": s.gen.get_state().cpu(), "config": dataclasses.asdict(s.cfg),
              "unshuffle": s.model.stem[0].downscale_factor, "classes": s.classes, "class_counts": s.class_counts,
              "grid": s.grid, "bf16": s.bf16, "data": s.data_path, "fingerprint": s.fingerprint, "skipped": s.skipped}
-    if s.guide_ema is not None:
+    if s.guide_ema:
         state["guide"] = s.guide_ema.state_dict()
-    if s.guide is not None:  # still training: its weights and moments too
+    if s.guide:  # still training: its weights and moments too
         state["guide_model"], state["guide_optimizer"] = s.guide.state_dict(), s.guide_opt.state_dict()
     return state
 
 
 def finish(s, why):
-    """Final row, validation and save (rank 0), and the DDP consistency check."""
+    """The last row with validation, and the last save (rank 0); the DDP consistency check."""
     if s.world > 1:
         check_ranks_in_sync(s.model, s.rank, s.world)
     if not s.is_main:
@@ -1427,23 +1302,41 @@ def finish(s, why):
         save_checkpoint(s.run_dir / "last.pt", checkpoint_state(s))
     if not (s.run_dir / "best.pt").exists():
         save_checkpoint(s.run_dir / "best.pt", checkpoint_state(s))
-    minutes = (s.seconds + time.time() - s.started) / 60
-    print(f"\n{why} at step {s.step} after {minutes:.1f} min; checkpoints in {s.run_dir} (best val loss {s.best_val:.5f}"
-          f"{f'; {s.skipped} steps skipped, loss not finite' if s.skipped else ''})", file=sys.stderr)
+    print(f"\n{why} at step {s.step} after {(s.seconds + time.time() - s.started) / 60:.1f} min; checkpoints in {s.run_dir} "
+          f"(best val loss {s.best_val:.5f}{f'; {s.skipped} steps skipped, loss not finite' if s.skipped else ''})", file=sys.stderr)
 
 
-def sprite_sheet(images, cols=None, scale=1, checker=8):
-    """uint8 (N, H, W, 4) -> one RGB image on a grey checkerboard (shows transparency)."""
-    n, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    yy, xx = np.mgrid[: rows * h, : cols * w]
-    board = np.where(((yy // checker) + (xx // checker)) % 2 == 0, 208, 232).astype(np.uint8)
-    sheet = Image.fromarray(board).convert("RGB")
-    for i, img in enumerate(images.numpy() if torch.is_tensor(images) else images):
-        tile = Image.fromarray(img, "RGBA")
-        sheet.paste(tile, ((i % cols) * w, (i // cols) * h), tile)
-    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale > 1 else sheet
+def setup_distributed(device):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; each
+    process then trains on its own shard and DDP averages the gradients."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def any_rank(flag, world, device):
+    """True if `flag` holds on any rank: all ranks must leave the loop at the same step."""
+    if world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def check_ranks_in_sync(model, rank, world):
+    """DDP keeps replicas identical by averaging gradients; verify it: the element-wise
+    max and min of the weights over all ranks must coincide."""
+    flat = nn.utils.parameters_to_vector(model.parameters()).detach().float()
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        print(f"\nweights identical across {world} ranks: {torch.equal(hi, lo)}", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -1455,23 +1348,23 @@ def sprite_sheet(images, cols=None, scale=1, checker=8):
 # undone like this: each step adds fresh noise, information the end state no
 # longer holds, so many noises lead to one sprite and none is "its" noise.
 #
-# Interpolation. Noise is N(0, I) in d = 65,536 dimensions, and such a vector's
-# norm concentrates tightly at sqrt(d) = 256. The straight line between two
-# independent noises a, b has |(1-s) a + s b| ~ sqrt((1-s)^2 + s^2) sqrt(d):
-# at s = 1/2 it is 0.71 sqrt(d), a point the flow never saw at t=0, and its
-# sprites come out faded. Slerp walks the great circle between the two
-# directions and interpolates the norm linearly, so every point is a typical
-# noise:  slerp(a, b, s) = [(1-s)|a| + s|b|] (sin((1-s) th) a^ + sin(s th) b^) / sin th.
+# Interpolation. Noise is N(0, I) in d = 65,536 dimensions, and the norm of
+# such a vector concentrates tightly at sqrt(d) = 256. On the straight line
+# between two independent noises, |(1-s) a + s b| ~ sqrt((1-s)^2 + s^2) sqrt(d):
+# at s = 1/2 that is 0.71 sqrt(d), a point the flow never saw at t=0, and its
+# sprites come out faded. Slerp walks the great circle between the directions
+# and interpolates the norm linearly, so every point is a typical noise:
+#     slerp(a, b, s) = [(1-s)|a| + s|b|] (sin((1-s) th) a^ + sin(s th) b^) / sin th
 #
 # Editing (inpainting). Given a sprite y and a mask m (1 = repaint), sample
 # while holding the known pixels. With x-prediction the network's guess z_hat
-# is a whole sprite at every t, so we can overwrite its known part with y,
+# is a whole sprite at every t, so we overwrite its known part with y,
 #     z_hat <- m z_hat + (1 - m) y,
-# before forming the velocity: the unknown part is then drawn towards a sprite
-# that agrees with y, and the seam is solved by the network at every step.
-# (Re-noising the known part of x_t along the path, the classic alternative,
-# only shows the network y through the noise; lab record, "Editing".)
-# The result's known pixels are then set to y exactly.
+# before forming the velocity: the unknown part is drawn towards a sprite that
+# agrees with y, and the network solves the seam at every step. (Re-noising the
+# known part of x_t along the path, the classic alternative, shows the network
+# y only through the noise; lab record, "Editing".) Known pixels are then
+# copied from y exactly.
 # -----------------------------------------------------------------------------
 
 
@@ -1493,14 +1386,14 @@ def slerp(a, b, s):
 
 @torch.no_grad()
 def inpaint(clean, sched, y, m, x, steps, method="z"):
-    """Repaint where m = 1 (B, 1, 128, 128) in the sprite y, from noise x. method "z"
-    overwrites the guess z_hat (above), "renoise" puts the known part of x_t back on
-    the path alpha_t y + beta_t x_0, "both" does both."""
+    """Repaint where m = 1 (B, 1, H, W) in the sprite y, from noise x. method "z" overwrites
+    the guess z_hat (above); "renoise" puts the known part of x_t back on the path
+    alpha_t y + beta_t x_0; "both" does both."""
     ts, x0 = time_grid(steps), x
+    held = (lambda x_, t_: m * clean(x_, t_) + (1 - m) * y) if method in ("z", "both") else clean
     for t, t_next in zip(ts[:-1], ts[1:]):
         if method in ("renoise", "both"):
             x = m * x + (1 - m) * sample_path(y, at(x, t), x0, sched)
-        held = (lambda x_, t_: m * clean(x_, t_) + (1 - m) * y) if method in ("z", "both") else clean
         x = sample_heun(velocity_of(held, sched), x, 1, ts=[t, t_next])
     return x
 
@@ -1513,97 +1406,114 @@ def read_sprite(path, device):
         raise UserError(f"cannot read sprite '{path}': {e}")
 
 
-def cmd_edit(args, model, guide, ckpt, labels, w, grid, device):
-    """sample --edit SPRITE --mask MASK: --n variations of the sprite, repainted under the mask."""
-    if not args.mask:
-        raise UserError("--edit needs --mask, an image whose opaque or white pixels mark what to repaint")
-    y = read_sprite(args.edit, device).expand(args.n, -1, -1, -1)
-    mask = read_sprite(args.mask, device)
-    m = ((mask[:, 3:] > 0) & (mask[:, :3].amax(1, keepdim=True) > -0.9)).float()  # (1, 1, 128, 128)
+def cmd_invert(args, model, ckpt, device, out):
+    """invert SPRITE: sprite -> noise -> sprite, its RMS error, and a picture of the three."""
+    z, velocity = read_sprite(args.sprite, device), velocity_of(guided_clean(model), model.schedule)
+    x0 = invert(velocity, z, args.steps)
+    back = sample_heun(velocity, x0, args.steps)
+    sprite_sheet(torch.cat([to_uint8(z), to_uint8(x0 / 3, binary_alpha=False), to_uint8(snap_to_grid(back, ckpt["grid"]))]), 3).save(out / "roundtrip.png")
+    torch.save(x0.cpu(), out / "noise.pt")
+    return (f"round trip of {args.sprite} ({args.steps} Heun steps each way): RMS error {(back - z).pow(2).mean().sqrt().item():.4f} "
+            f"in [-1, 1] units; noise norm {x0.norm().item():.0f} (a Gaussian's: {math.sqrt(x0.numel()):.0f}); "
+            f"wrote roundtrip.png (sprite, noise, reconstruction) and noise.pt")
+
+
+def cmd_interpolate(args, model, ckpt, device, out):
+    """interpolate A B: sprites along the slerp between two noises (of seeds, or of sprites
+    by inversion), as a strip and a GIF that goes there and back."""
+    velocity = velocity_of(guided_clean(model), model.schedule)
+    ends = [torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(int(p))).to(device) if p.lstrip("-").isdigit()
+            else invert(velocity, read_sprite(p, device), args.steps) for p in (args.a, args.b)]
+    noise = torch.cat([slerp(*ends, float(s)) for s in torch.linspace(0, 1, max(args.frames, 2))])  # (frames, 4, 128, 128)
+    sprites = generate(model, len(noise), args.steps, device=device, grid=ckpt["grid"], noise=noise)
+    sprite_sheet(sprites, len(sprites)).save(out / "strip.png")
+    frames = [sprite_sheet(sp[None], 1, scale=2) for sp in sprites]
+    frames[0].save(out / "morph.gif", save_all=True, append_images=frames[1:] + frames[::-1], duration=120, loop=0)
+    return f"wrote strip.png and morph.gif ({len(sprites)} sprites from {args.a} to {args.b})"
+
+
+def cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out):
+    """sample --edit SPRITE --mask MASK: --n variations, repainted under the mask only."""
+    y, mask = read_sprite(args.edit, device).expand(args.n, -1, -1, -1), read_sprite(args.mask, device)
+    m = ((mask[:, 3:] > 0) & (mask[:, :3].amax(1, keepdim=True) > -0.9)).float()  # (1, 1, 128, 128): opaque, not black
     if not m.any():
         raise UserError(f"mask '{args.mask}' marks no pixels; paint what to repaint in white (any opaque, non-black colour)")
     x = torch.randn(args.n, 4, 128, 128, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    c = labels.to(device) if labels is not None else None
-    z = inpaint(guided_clean(model, c, w, guide), model.schedule, y, m, x, args.steps)
+    z = inpaint(guided_clean(model, None if labels is None else labels.to(device), w, guide), model.schedule, y, m, x, args.steps)
     keep = (m[0, 0] == 0).cpu()[None, :, :, None]  # (1, 128, 128, 1)
-    sprites = torch.where(keep, to_uint8(y), to_uint8(snap_to_grid(z, grid)))  # known pixels: exactly the input's
-    out = fresh_folder(args.out)
-    write_sprites(out, torch.cat([to_uint8(y[:1]), sprites]))
-    print(f"wrote the sprite (sprite_000.png) and {args.n} repainted variations to {out}")
-
-
-def noise_for(spec, model, device, steps):
-    """The noise (1, 4, 128, 128) of an integer seed, or of a sprite file by inversion."""
-    if spec.lstrip("-").isdigit():
-        return torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(int(spec))).to(device)
-    return invert(velocity_of(guided_clean(model), model.schedule), read_sprite(spec, device), steps)
-
-
-def cmd_invert(args):
-    """invert SPRITE: the round trip sprite -> noise -> sprite, its RMS error and a picture."""
-    device, model, _, ckpt, path = sampling_setup(args)
-    z = read_sprite(args.sprite, device)
-    velocity = velocity_of(guided_clean(model), model.schedule)
-    x0 = invert(velocity, z, args.steps)
-    back = sample_heun(velocity, x0, args.steps)
-    rms = (back - z).pow(2).mean().sqrt().item()
-    out = fresh_folder(args.out)
-    sprite_sheet(torch.cat([to_uint8(z), to_uint8(x0.clamp(-3, 3) / 3, binary_alpha=False), to_uint8(snap_to_grid(back, ckpt["grid"]))]),
-                 cols=3).save(out / "roundtrip.png")
-    torch.save(x0.cpu(), out / "noise.pt")
-    print(f"round trip of {args.sprite} ({args.steps} Heun steps each way): RMS error {rms:.4f} in [-1, 1] units, "
-          f"noise norm {x0.norm().item():.0f} (a Gaussian's: {math.sqrt(x0.numel()):.0f}); wrote roundtrip.png "
-          f"(sprite, noise, reconstruction) and noise.pt to {out}")
-
-
-def cmd_interpolate(args):
-    """interpolate A B: sprites along the slerp between two noises, as a GIF and a strip."""
-    check_numbers(args, positive=("frames",))
-    device, model, _, ckpt, path = sampling_setup(args)
-    a, b = (noise_for(spec, model, device, args.steps) for spec in (args.a, args.b))
-    s = torch.linspace(0, 1, max(args.frames, 2), device=device)
-    noise = torch.cat([slerp(a, b, float(k)) for k in s])  # (frames, 4, 128, 128)
-    sprites = generate(model, len(noise), args.steps, device=device, grid=ckpt["grid"], noise=noise)
-    out = fresh_folder(args.out)
-    sprite_sheet(sprites, cols=len(sprites)).save(out / "strip.png")
-    sheets = [sprite_sheet(sp[None], cols=1, scale=2) for sp in sprites]
-    sheets[0].save(out / "morph.gif", save_all=True, append_images=sheets[1:] + sheets[::-1], duration=120, loop=0)
-    print(f"wrote strip.png and morph.gif ({len(sprites)} sprites from {args.a} to {args.b}) to {out}")
+    write_sprites(out, torch.cat([to_uint8(y[:1]), torch.where(keep, to_uint8(y), to_uint8(snap_to_grid(z, grid)))]))
+    return f"wrote the sprite (sprite_000.png) and {args.n} variations repainted under {args.mask}"
 
 
 # -----------------------------------------------------------------------------
-# 9. Command line: train, sample, invert, interpolate, plot, bench
+# 9. Command line: train, sample, invert, interpolate
 #
 #   train        section 7, with every TrainConfig field as a --flag.
 #   sample       integrates dX = u_w(X, t) dt (or the SDE) from X_0 ~ N(0, I) with
 #                the EMA weights of a checkpoint (default: the newest .pt under
-#                runs/), guided (section 5), snapped to the data's pixel grid.
-#                --edit/--mask repaint part of a sprite (section 8).
+#                runs/), guided (section 5) and snapped to the data's pixel grid;
+#                --edit/--mask repaints part of a sprite (section 8).
 #   invert       sprite -> noise -> sprite, and how close the round trip lands.
 #   interpolate  a morph between two sprites or seeds along a slerp of their noise.
-#   plot         training_log.csv -> PNG on a log scale (losses span ~100x).
-#   bench        training and sampling speed on this device, fp32 and bf16.
-#
-# Every user mistake raises UserError, which main() prints as one line
-# ("error: ...") with exit status 2; argparse reports bad flags the same way.
+# Plots of the training log, speed benchmarks and sample statistics live in the
+# evaluation script, fid.py. Output folders are never overwritten: a folder that
+# holds files gets a sibling OUT-2, OUT-3, ... Every user mistake raises
+# UserError, which main() prints as one line ("error: ...") with exit status 2.
 # -----------------------------------------------------------------------------
 
-CFG_GUIDANCE, AUTO_GUIDANCE = 2.0, 2.0  # default w for classifier-free and autoguidance
+CFG_GUIDANCE, AUTO_GUIDANCE = 2.0, 2.0  # default w for classifier-free guidance and autoguidance
 
 
-def newest_checkpoint(root="runs"):
-    """The most recently written .pt under root: usually the running or last run's last.pt."""
-    found = sorted(Path(root).rglob("*.pt"), key=lambda p: p.stat().st_mtime) if Path(root).is_dir() else []
-    if not found:
-        raise UserError(f"no checkpoint found under '{root}/'; train first (the first checkpoint comes at step 250) or pass --checkpoint")
-    return found[-1]
+def sprite_sheet(images, cols=None, scale=1, checker=8):
+    """uint8 (N, H, W, 4) -> one RGB image on a grey checkerboard (shows transparency)."""
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    yy, xx = np.mgrid[: math.ceil(n / cols) * h, : cols * w]
+    sheet = Image.fromarray(np.where(((yy // checker) + (xx // checker)) % 2 == 0, 208, 232).astype(np.uint8)).convert("RGB")
+    for i, img in enumerate(images.numpy() if torch.is_tensor(images) else images):
+        tile = Image.fromarray(img, "RGBA")
+        sheet.paste(tile, ((i % cols) * w, (i // cols) * h), tile)
+    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale > 1 else sheet
+
+
+def write_sprites(out, sprites, names=None, native=0):
+    """sprite_NNN.png; grid.png (checkerboard) and sheet.png + sheet.json (transparent, for
+    game engines) with one row per class; with native = k also the sprites at 1/k size."""
+    rows = [[i for i, n in enumerate(names) if n == c] for c in dict.fromkeys(names)] if names else [list(range(len(sprites)))]
+    cols = max(map(len, rows)) if names else math.ceil(math.sqrt(len(sprites)))
+    order = [i for row in rows for j in range(0, len(row), cols) for i in (row[j:j + cols] + [None] * cols)[:cols]]
+    tiles = torch.stack([sprites[i] if i is not None else torch.zeros_like(sprites[0]) for i in order])  # (rows * cols, H, W, 4)
+    for i, sprite in enumerate(sprites):
+        Image.fromarray(sprite.numpy(), "RGBA").save(out / f"sprite_{i:03d}.png")
+        if native:
+            (out / "native").mkdir(exist_ok=True)
+            Image.fromarray(sprite[::native, ::native].numpy(), "RGBA").save(out / "native" / f"sprite_{i:03d}.png")
+    sprite_sheet(tiles, cols).save(out / "grid.png")
+    n_rows, h, w = len(order) // cols, *sprites.shape[1:3]
+    Image.fromarray(tiles.reshape(n_rows, cols, h, w, 4).transpose(1, 2).reshape(n_rows * h, cols * w, 4).numpy(), "RGBA").save(out / "sheet.png")
+    frames = [{"x": k % cols * w, "y": k // cols * h, "file": f"sprite_{i:03d}.png", **({"class": names[i]} if names else {})}
+              for k, i in enumerate(order) if i is not None]
+    (out / "sheet.json").write_text(json.dumps({"image": "sheet.png", "frame_width": w, "frame_height": h, "columns": cols,
+                                                "rows": n_rows, "frames": frames}, indent=1))
+
+
+@torch.no_grad()
+def write_trajectory(model, frames, steps, out, count=4, n_frames=9):
+    """A GIF and a PNG of the first sprites flowing from noise to data. Each row is one
+    time t: on the left the state x_t, on the right the network's guess z_hat(x_t, t) of
+    where it is heading, which shows when a sprite's layout and colours are decided."""
+    ts, rows = time_grid(steps), []
+    for i in sorted({round(k * steps / (n_frames - 1)) for k in range(n_frames)}):
+        x = frames[i][:count]
+        rows.append(torch.cat([to_uint8(x, binary_alpha=(i == steps)), to_uint8(model.clean(x, at(x, ts[i])).float(), binary_alpha=False)]))
+    sheets = [sprite_sheet(row, 2 * count) for row in rows]
+    sheets[0].save(out / "trajectory.gif", save_all=True, append_images=sheets[1:] + [sheets[-1]] * 3, duration=300, loop=0)
+    sprite_sheet(torch.cat(rows), 2 * count).save(out / "trajectory.png")  # one row per time
 
 
 def fresh_folder(path):
     """`path`, or path-2, path-3, ... if it already holds files: output never overwrites."""
-    path = Path(path)
-    candidates = [path] + [Path(f"{path}-{k}") for k in range(2, 10000)]
-    out = next(p for p in candidates if not p.exists() or (p.is_dir() and not any(p.iterdir())))
+    out = next(p for p in [Path(path)] + [Path(f"{path}-{k}") for k in range(2, 10000)] if not p.exists() or (p.is_dir() and not any(p.iterdir())))
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").touch()
@@ -1613,228 +1523,24 @@ def fresh_folder(path):
     return out
 
 
-def check_numbers(args, positive=(), non_negative=()):
-    """Finite, and positive or at least zero, or one sentence."""
-    for name in positive + non_negative:
-        value = getattr(args, name)
-        if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and name in positive)):
-            raise UserError(f"--{name.replace('_', '-')} must be a {'positive' if name in positive else 'non-negative'} finite number, got {value}")
-
-
-def sampling_setup(args):
-    """(device, model, guide, checkpoint, checkpoint path) for the sampling commands."""
-    device = pick_device(args.device)
-    path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
-    model, guide, ckpt = load_models(path, device, args.ema)
-    return device, model, guide, ckpt, path
-
-
-def sample_plan(ckpt, guide, n, class_names="", guidance=None):
-    """(labels or None, w) for n samples of a checkpoint: its classes spread as in its
-    training set (or the named ones), and the default guidance weight for its kind."""
-    labels = class_plan(n, ckpt["classes"], ckpt["class_counts"], class_names.split(",") if class_names else None) if ckpt["classes"] else None
-    w = guidance if guidance is not None else CFG_GUIDANCE if labels is not None else AUTO_GUIDANCE if guide else 1.0
-    return labels, w
-
-
-def cmd_sample(args):
-    """Sprites as RGBA PNGs, grid.png (checkerboard, one row per class) and sheet.png +
-    sheet.json (transparent, for game engines); --native adds sprites at the art's own size."""
-    check_numbers(args, positive=("n", "steps", "grid_shift"), non_negative=("sigma", "guidance"))
-    device, model, guide, ckpt, path = sampling_setup(args)
+def cmd_sample(args, model, guide, ckpt, device, out):
+    """sample: --n sprites (classes spread as in the training set, or --class), guided
+    with the default weight for the checkpoint's kind unless --guidance says otherwise."""
     if args.class_names and not ckpt["classes"]:
-        raise UserError(f"checkpoint '{path}' was trained without classes, so --class cannot be used")
-    labels, w = sample_plan(ckpt, guide, args.n, args.class_names, args.guidance)
+        raise UserError("this checkpoint was trained without classes, so --class cannot be used")
+    labels = class_plan(args.n, ckpt["classes"], ckpt["class_counts"], args.class_names.split(",") if args.class_names else None) if ckpt["classes"] else None
+    w = args.guidance if args.guidance is not None else CFG_GUIDANCE if labels is not None else AUTO_GUIDANCE if guide else 1.0
     grid = 1 if args.no_snap else ckpt["grid"]
     if args.edit:
-        return cmd_edit(args, model, guide, ckpt, labels, w, grid, device)
-    frames = [] if args.trajectory else None
-    t0 = time.time()
-    sprites = generate(model, args.n, args.steps, args.sampler, args.seed, device, labels, w, guide, grid, sigma=args.sigma,
-                       frames=frames, grid_shift=args.grid_shift)
-    out = fresh_folder(args.out)
-    write_sprites(out, sprites, [ckpt["classes"][k] for k in labels] if labels is not None else None, grid if args.native else 0)
-    print(f"wrote {len(sprites)} sprites, grid.png and sheet.png to {out} from {path} ({args.sampler}, {args.steps} steps, "
-          f"guidance {w:g}{' (classifier-free)' if labels is not None else ' (autoguidance)' if guide else ''}, grid {grid}, "
-          f"{time.time() - t0:.1f} s)")
+        return cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out)
+    frames, t0 = [] if args.trajectory else None, time.time()
+    sprites = generate(model, args.n, args.steps, args.sampler, args.seed, device, labels, w, guide, grid, sigma=args.sigma, frames=frames, grid_shift=args.grid_shift)
+    write_sprites(out, sprites, None if labels is None else [ckpt["classes"][k] for k in labels], grid if args.native else 0)
     if frames is not None:
-        write_trajectory(model, frames, args.steps, out, args.grid_shift)
-
-
-def write_sprites(out, sprites, names=None, native=0):
-    """sprite_NNN.png, grid.png with one row per class, sheet.png/sheet.json with the same
-    layout on a transparent background, and with native = k the k-times-smaller sprites."""
-    rows = [[i for i, n in enumerate(names) if n == c] for c in dict.fromkeys(names)] if names else [list(range(len(sprites)))]
-    cols = max(map(len, rows)) if names else math.ceil(math.sqrt(len(sprites)))
-    cells = [row[j:j + cols] + [None] * (cols - len(row[j:j + cols])) for row in rows for j in range(0, len(row), cols)]
-    order = [i for row in cells for i in row]
-    blank = torch.zeros_like(sprites[0])
-    tiles = torch.stack([sprites[i] if i is not None else blank for i in order])  # (rows * cols, 128, 128, 4)
-    for i, sprite in enumerate(sprites):
-        Image.fromarray(sprite.numpy(), "RGBA").save(out / f"sprite_{i:03d}.png")
-        if native:
-            (out / "native").mkdir(exist_ok=True)
-            Image.fromarray(sprite[::native, ::native].numpy(), "RGBA").save(out / "native" / f"sprite_{i:03d}.png")
-    sprite_sheet(tiles, cols=cols).save(out / "grid.png")
-    h, w = sprites.shape[1:3]
-    sheet = tiles.reshape(len(cells), cols, h, w, 4).permute(0, 2, 1, 3, 4).reshape(len(cells) * h, cols * w, 4)
-    Image.fromarray(sheet.numpy(), "RGBA").save(out / "sheet.png")
-    frames = [{"x": (k % cols) * w, "y": (k // cols) * h, "file": f"sprite_{i:03d}.png", **({"class": names[i]} if names else {})}
-              for k, i in enumerate(order) if i is not None]
-    (out / "sheet.json").write_text(json.dumps({"image": "sheet.png", "frame_width": w, "frame_height": h, "columns": cols,
-                                                "rows": len(cells), "frames": frames}, indent=1))
-
-
-@torch.no_grad()
-def write_trajectory(model, frames, steps, out, grid_shift=1.0, count=4, n_frames=9):
-    """A GIF and a PNG of the first sprites flowing from noise to data. Each row is one
-    time t: on the left the state x_t, on the right the network's guess z_hat(x_t, t) of
-    where it is heading, which shows when a sprite's layout and colours are decided."""
-    ts = time_grid(steps, grid_shift)
-    picks = sorted({round(k * steps / (n_frames - 1)) for k in range(n_frames)})
-    rows = []
-    for i in picks:
-        x = frames[i][:count]
-        z_hat = model.clean(x, at(x, ts[i])).float()
-        rows.append(torch.cat([to_uint8(x, binary_alpha=(i == steps)), to_uint8(z_hat, binary_alpha=False)]))
-    sheets = [sprite_sheet(row, cols=2 * count) for row in rows]
-    sheets[0].save(out / "trajectory.gif", save_all=True, append_images=sheets[1:] + [sheets[-1]] * 3, duration=300, loop=0)
-    sprite_sheet(torch.cat(rows), cols=2 * count).save(out / "trajectory.png")  # one row per time
-    print(f"wrote trajectory.gif and trajectory.png ({len(rows)} times; left x_t, right z_hat) to {out}")
-
-
-def cmd_plot(args):
-    """training_log.csv of a run -> training_log.png (training, per-bucket and val losses)."""
-    run_dir = Path(args.run_dir) if args.run_dir else newest_checkpoint().parent
-    log_path = run_dir / "training_log.csv"
-    if not log_path.is_file():
-        raise UserError(f"'{log_path}' does not exist; point plot at a run folder")
-    with open(log_path) as f:
-        rows = list(csv.DictReader(f))
-
-    def number(text):
-        try:
-            return float(text)
-        except (TypeError, ValueError):
-            return math.nan
-
-    names = ["loss"] + [f"loss_t{k}" for k in range(T_BUCKETS)] + ["val_loss"]
-    series = {n: [(number(r["step"]), number(r.get(n))) for r in rows] for n in names}
-    series = {n: [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y) and y > 0] for n, pts in series.items()}
-    series = {n: pts for n, pts in series.items() if pts}
-    if not series:
-        raise UserError(f"'{log_path}' has no finite losses yet")
-    out = Path(args.out) if args.out else run_dir / "training_log.png"
-    try:
-        plot_log_scale(series, out, title=f"{run_dir}")
-    except OSError as e:
-        raise UserError(f"cannot write '{out}': {e.strerror or e}")
-    print(f"wrote {out}")
-
-
-def plot_log_scale(series, out, title="", size=(900, 560)):
-    """Line chart with a log-scale y axis, drawn with Pillow alone; a lone point is a dot."""
-    (W, H), (left, right, top, bottom) = size, (70, 170, 30, 50)
-    img = Image.new("RGB", size, "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [math.log10(y) for pts in series.values() for _, y in pts]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = math.floor(min(ys) * 4) / 4, math.ceil(max(ys) * 4) / 4 + 0.25
-
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right), H - bottom - (math.log10(y) - y0) / (y1 - y0) * (H - top - bottom))
-
-    for k in range(math.floor(y0), math.ceil(y1) + 1):  # decades and their 2x, 5x ticks
-        for m in (1, 2, 5):
-            if y0 <= math.log10(m * 10.0**k) <= y1:
-                _, y = px(x0, m * 10.0**k)
-                draw.line([(left, y), (W - right, y)], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
-                draw.text((5, y - 6), f"{m * 10.0**k:g}", fill="black", font=font)
-    for x in sorted({round(v) for v in np.linspace(x0, x1, 6)}):  # distinct whole steps
-        draw.text((px(x, 10**y0)[0] - 10, H - bottom + 8), f"{x}", fill="black", font=font)
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    draw.text((left, 8), f"{title}  (log scale; x: step)", fill="black", font=font)
-    colors = [(31, 119, 180), (230, 159, 0), (86, 180, 233), (0, 158, 115), (213, 94, 0), (204, 121, 167), (200, 0, 0)]
-    for i, (name, pts) in enumerate(series.items()):
-        color, points = colors[i % len(colors)], [px(x, y) for x, y in pts]
-        draw.line(points, fill=color, width=3 if name in ("loss", "val_loss") else 1)
-        for x, y in points if len(points) < 3 else []:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.line([(W - right + 10, top + 16 * i + 6), (W - right + 30, top + 16 * i + 6)], fill=color, width=3)
-        draw.text((W - right + 36, top + 16 * i), name, fill="black", font=font)
-    img.save(out)
-
-
-def time_train_steps(cfg, device, steps, batch_size, bf16):
-    """Images/s of full training steps (forward, backward, AdamW, EMA) after one untimed step."""
-    torch.manual_seed(0)
-    model = build_model(cfg, device).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    net = torch.compile(model) if cfg.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    z = to_float(torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8)).to(device)
-    for i in range(steps + 1):
-        if i == 1:  # the first step pays for allocation and kernel selection
-            sync(device)
-            start = time.time()
-        train_step(net, model, opt, z, torch.rand(batch_size, device=device), torch.randn_like(z), None, cfg, autocast(device, bf16), 1e-4)
-        ema_update([ema], model, i + 1, [ema_gamma(0.1)])
-    sync(device)
-    return steps * batch_size / (time.time() - start), sum(p.numel() for p in model.parameters()), model
-
-
-def sync(device):
-    """Wait for queued GPU work: CUDA runs asynchronously, so timings need this."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def cmd_bench(args):
-    """Speed of the default model on this device, in fp32 and (where it can pay) bf16,
-    and the bf16 choice train would make; the last printed line is JSON."""
-    cfg, device, batch, result = TrainConfig(compile=args.compile), pick_device(args.device), args.batch_size, {}
-    precisions = [False, True] if device.type == "cuda" or cpu_has_bf16() else [False]
-    for bf16 in precisions:
-        img_s, n_params, model = time_train_steps(cfg, device, args.steps, batch, bf16)
-        t0 = time.time()
-        generate(model, batch, cfg.sample_steps, device=device, bf16=bf16)
-        sync(device)
-        name = "bf16" if bf16 else "fp32"
-        result.update({f"train_img_s_{name}": round(img_s, 2), f"sample_img_s_{name}": round(batch / (time.time() - t0), 3)})
-        print(f"{name}: {img_s:.1f} train img/s, {result[f'sample_img_s_{name}']} sample img/s (heun, {cfg.sample_steps} steps, batch {batch})", file=sys.stderr)
-    peak_mb = peak_memory_mb(device)  # before the full-resolution run, which needs far more
-    full_img_s = time_train_steps(dataclasses.replace(cfg, unshuffle=1), device, max(1, args.steps // 4), min(batch, 8), False)[0]
-    print(f"full resolution (no pixel-unshuffle), fp32: {full_img_s:.2f} train img/s", file=sys.stderr)
-    use, why = decide_bf16(None, device, model)
-    print(f"train would use bf16: {use} ({why})", file=sys.stderr)
-    print(json.dumps({"device": str(device), "cpu": cpu_name(), "threads": torch.get_num_threads(), "batch_size": batch,
-                      "params_m": round(n_params / 1e6, 2), **result, "train_img_s": result["train_img_s_bf16" if use else "train_img_s_fp32"],
-                      "full_res_train_img_s": round(full_img_s, 3), "peak_mem_mb": round(peak_mb), "bf16_chosen": use, "bf16_why": why}))
-
-
-def cpu_name():
-    """The CPU's model name and family from /proc/cpuinfo (where there is one)."""
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        return f"{info['model name'].strip()}, family {info['cpu family'].strip()}, model {info['model'].strip()}"
-    except (OSError, KeyError):
-        return "unknown"
-
-
-def peak_memory_mb(device):
-    """Peak memory: the CUDA allocator's high-water mark, or the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds '(default: X)' to help text that does not already say what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        return text if "default" in text or action.default in (None, "", False) else super()._get_help_string(action)
+        write_trajectory(model, frames, args.steps, out)
+    kind = " (classifier-free)" if labels is not None else " (autoguidance)" if guide else ""
+    return (f"wrote {len(sprites)} sprites, grid.png, sheet.png{', trajectory.gif' if frames else ''} ({args.sampler}, {args.steps} steps, "
+            f"guidance {w:g}{kind}, grid {grid}, {time.time() - t0:.1f} s)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -1844,75 +1550,79 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def add_config_arguments(parser):
-    """One --flag per TrainConfig field, with the field's default and help text."""
-    for field in dataclasses.fields(TrainConfig):
-        flag, meta = "--" + field.name.replace("_", "-"), field.metadata
-        if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=meta["help"])
-        else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=meta["help"], choices=meta["choices"])
-
-
 def build_parser():
-    parser = Parser(prog="spriteflow.py", description="Flow matching for pixel-art sprites.", formatter_class=HelpFormatter)
+    """train takes every TrainConfig field as a --flag; the sampling commands share theirs."""
+    parser = Parser(prog="spriteflow.py", description="Flow matching for pixel-art sprites.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_config_arguments(sub.add_parser("train", help="train a model", formatter_class=HelpFormatter))
-    commands = {name: sub.add_parser(name, help=text, formatter_class=HelpFormatter) for name, text in [
-        ("sample", "draw sprites from a checkpoint"), ("invert", "sprite -> noise -> sprite: the ODE run both ways"),
-        ("interpolate", "morph between two sprites or seeds"), ("plot", "draw training_log.csv as a PNG (log scale)"),
-        ("bench", "measure training and sampling speed")]}
-    for name in ("sample", "invert", "interpolate"):
-        p = commands[name]
+    p = sub.add_parser("train", help="train a model")
+    for f in dataclasses.fields(TrainConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), f.type
+        p.add_argument(flag, **({"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind, "choices": f.metadata["choices"]}),
+                       default=f.default, help=f.metadata["help"] + ("" if "default" in f.metadata["help"] or f.default in ("", None) else f" (default: {f.default})"))
+    for name, text in [("sample", "draw sprites from a checkpoint"), ("invert", "sprite -> noise -> sprite: the ODE run both ways"),
+                       ("interpolate", "morph between two sprites or seeds")]:
+        p = sub.add_parser(name, help=text)
         p.add_argument("--checkpoint", default="", help="checkpoint file (default: the newest .pt under runs/)")
         p.add_argument("--ema", default=None, help="which kept EMA length to use (default: the first)")
-        p.add_argument("--steps", type=int, default=20, help="integration steps")
-        p.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
-        p.add_argument("--out", default=name if name != "sample" else "samples",
-                       help="output folder; if it already holds files, the next free OUT-2, OUT-3, ... is used")
-    p = commands["sample"]
-    p.add_argument("--n", type=int, default=16, help="number of sprites")
-    p.add_argument("--class", dest="class_names", default="", help="class name or comma list (default: all, in proportion to the training set)")
-    p.add_argument("--guidance", type=float, default=None, help=f"guidance weight w; 1 = none (default: {CFG_GUIDANCE:g} with classes, {AUTO_GUIDANCE:g} with a guide)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="heun", help="ODE (euler, heun) or SDE sampler")
-    p.add_argument("--sigma", type=float, default=1.0, help="SDE noise scale: sigma_t = sigma * beta_t (larger: flatter but simpler sprites)")
-    p.add_argument("--grid-shift", type=float, default=1.0, help="warp s of the time grid, t -> t / (t + s (1 - t)); 1 = uniform")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+        p.add_argument("--steps", type=int, default=20, help="Heun steps (default: 20)")
+        p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default: auto)")
+        p.add_argument("--out", default="samples" if name == "sample" else name, help="output folder (default: %(default)s; never overwritten)")
+    p.add_argument("a", help="sprite file or integer seed")
+    p.add_argument("b", help="sprite file or integer seed")
+    p.add_argument("--frames", type=int, default=9, help="sprites along the way, ends included (default: 9)")
+    sub.choices["invert"].add_argument("sprite", help="sprite image file")
+    p = sub.choices["sample"]
+    p.add_argument("--n", type=int, default=16, help="number of sprites (default: 16)")
+    p.add_argument("--class", dest="class_names", default="", help="class name or comma list (default: all, as many as in training)")
+    p.add_argument("--guidance", type=float, default=None, help=f"guidance weight w, 1 = none (default: {CFG_GUIDANCE:g} with classes, {AUTO_GUIDANCE:g} with a guide)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="heun", help="ODE (euler, heun) or SDE sampler (default: heun)")
+    p.add_argument("--sigma", type=float, default=1.0, help="SDE noise scale: sigma_t = sigma * beta_t; larger: flatter, simpler sprites (default: 1)")
+    p.add_argument("--grid-shift", type=float, default=1.0, help="warp s of the time grid, t -> t / (t + s (1 - t)) (default: 1, uniform)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--no-snap", action="store_true", help="do not snap samples to the training data's pixel grid")
     p.add_argument("--native", action="store_true", help="also write each sprite at its art's native size into OUT/native")
     p.add_argument("--trajectory", action="store_true", help="also write trajectory.gif/.png: noise (t=0) to sprite (t=1)")
     p.add_argument("--edit", default="", help="a sprite to repaint in part (needs --mask)")
     p.add_argument("--mask", default="", help="PNG whose opaque, non-black pixels mark what --edit repaints")
-    commands["invert"].add_argument("sprite", help="sprite image file")
-    commands["interpolate"].add_argument("a", help="sprite file or integer seed")
-    commands["interpolate"].add_argument("b", help="sprite file or integer seed")
-    commands["interpolate"].add_argument("--frames", type=int, default=9, help="sprites along the way, ends included")
-    commands["plot"].add_argument("run_dir", nargs="?", default="", help="run folder (default: the newest under runs/)")
-    commands["plot"].add_argument("--out", default="", help="PNG path (default: RUN_DIR/training_log.png)")
-    p = commands["bench"]
-    p.add_argument("--steps", type=int, default=8, help="timed training steps")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="batch size (default: the training default)")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     return parser
 
 
 def main(argv=None):
-    """Parse the command line and run one subcommand; returns the exit status."""
+    """Parse the command line and run one command; returns the exit status."""
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # one line, no source echo
     try:
         if args.command == "train":
             train(TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}))
-        else:
-            {"sample": cmd_sample, "invert": cmd_invert, "interpolate": cmd_interpolate, "plot": cmd_plot, "bench": cmd_bench}[args.command](args)
+            return 0
+        for name in ("n", "steps", "grid_shift", "frames", "sigma", "guidance"):  # finite; positive, or >= 0 for the last two
+            value = getattr(args, name, 1)
+            if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and name not in ("sigma", "guidance"))):
+                raise UserError(f"--{name.replace('_', '-')} must be a {'non-negative' if name in ('sigma', 'guidance') else 'positive'} finite number, got {value}")
+        if args.command == "sample" and args.edit and not args.mask:
+            raise UserError("--edit needs --mask, an image whose opaque, non-black pixels mark what to repaint")
+        device = pick_device(args.device)
+        path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
+        model, guide, ckpt = load_models(path, device, args.ema)
+        out = fresh_folder(args.out)
+        command = {"sample": lambda: cmd_sample(args, model, guide, ckpt, device, out), "invert": lambda: cmd_invert(args, model, ckpt, device, out),
+                   "interpolate": lambda: cmd_interpolate(args, model, ckpt, device, out)}[args.command]
+        print(f"{command()}; in {out}, from {path}")
     except UserError as e:
-        print(f"\nerror: {e}" if args.command == "train" and sys.stderr.isatty() else f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nstopped without saving; a run keeps its last checkpoint", file=sys.stderr)
         return 130
     return 0
+
+
+def newest_checkpoint(root="runs"):
+    """The most recently written .pt under root: usually the running or last run's last.pt."""
+    found = sorted(Path(root).rglob("*.pt"), key=lambda p: p.stat().st_mtime) if Path(root).is_dir() else []
+    if not found:
+        raise UserError(f"no checkpoint found under '{root}/'; train first (the first checkpoint comes at step 250) or pass --checkpoint")
+    return found[-1]
 
 
 if __name__ == "__main__":

@@ -557,7 +557,7 @@ def run_cli(*args, cwd, timeout=120, **kw):
 def test_cli_trains_then_samples_then_plots(tmp_path):
     """`train` writes a log, a sample grid and checkpoints; `sample` with no checkpoint option
     finds the newest under runs/ and writes 128x128 RGBA sprites, a sheet and a trajectory;
-    `plot` draws the log."""
+    `fid.py --plot` draws the log."""
     write_sprites(tmp_path / "imgs", 6)
     r = run_cli("train", "--data", "imgs", "--max-steps", "4", "--batch-size", "2", "--channels", "16,32",
                 "--blocks", "1", "--log-every", "2", "--val-every", "2", "--sample-every", "4", "--sample-steps", "2", cwd=tmp_path)
@@ -573,7 +573,7 @@ def test_cli_trains_then_samples_then_plots(tmp_path):
         assert im.size == (128, 128) and im.mode == "RGBA"
         assert set(np.unique(np.array(im)[..., 3])) <= {0, 255}
     assert (tmp_path / "out" / "grid.png").exists() and (tmp_path / "out" / "trajectory.gif").exists()
-    r = run_cli("plot", str(run), cwd=tmp_path)
+    r = run_fid_cli("--plot", run)
     assert r.returncode == 0 and (run / "training_log.png").exists(), r.stderr
 
 
@@ -592,9 +592,9 @@ def test_pixel_art_stats_count_flat_blocks_and_colours():
 
 
 def test_bench_ends_with_one_json_line(tmp_path):
-    """`bench` measures the default model and its full-resolution twin; the last line of its
+    """`fid.py --bench` measures the default model and its full-resolution twin; the last line of its
     output is one JSON object with the keys the README documents (no speed is asserted)."""
-    r = run_cli("bench", "--steps", "1", "--batch-size", "2", cwd=tmp_path)
+    r = run_fid_cli("--bench", "--bench-steps", 1, "--batch-size", 2)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"train_img_s", "full_res_train_img_s", "sample_img_s_fp32", "peak_mem_mb", "device", "bf16_chosen", "bf16_why", "cpu"} <= result.keys()
@@ -961,7 +961,7 @@ def test_loader_scales_16_bit_warns_about_skipped_and_empty_files(tmp_path, monk
 
 @pytest.mark.parametrize("args", [["train", "--data", "imgs", "--run-dir", "afile/run"], ["train", "--data", "imgs", "--lr", "nan"],
                                   ["sample", "--checkpoint", "x.pt", "--grid-shift", "nan"], ["sample", "--checkpoint", "x.pt", "--sigma", "-1"],
-                                  ["plot", "r", "--out", "afile/x.png"]])
+                                  ["--plot", "r", "--out", "afile/x.png"]])
 def test_filesystem_errors_and_non_finite_flags_are_one_sentence(tmp_path, args):
     """An uncreatable run or output folder, and NaN or negative numbers, end in one
     `error:` line and exit 2, before any data is loaded."""
@@ -969,7 +969,7 @@ def test_filesystem_errors_and_non_finite_flags_are_one_sentence(tmp_path, args)
     (tmp_path / "afile").write_text("a file, not a folder")
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "training_log.csv").write_text("step,loss\n1,0.5\n")
-    r = run_cli(*args, cwd=tmp_path)
+    r = run_cli(*args, cwd=tmp_path) if args[0] != "--plot" else run_fid_cli(*args, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -978,9 +978,9 @@ def test_plot_handles_short_and_empty_logs_and_help_says_defaults_once(tmp_path)
     prints '(default: ...)' twice or empty."""
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "training_log.csv").write_text("step,loss\n1,0.5\n")
-    assert run_cli("plot", "r", cwd=tmp_path).returncode == 0 and (tmp_path / "r" / "training_log.png").exists()
+    assert run_fid_cli("--plot", "r", cwd=tmp_path).returncode == 0 and (tmp_path / "r" / "training_log.png").exists()
     (tmp_path / "r" / "training_log.csv").write_text("step,loss\n1,nan\n2,nan\n")
-    r = run_cli("plot", "r", cwd=tmp_path)
+    r = run_fid_cli("--plot", "r", cwd=tmp_path)
     assert r.returncode == 2 and "no finite losses" in r.stderr
     for command in ("train", "sample"):
         text = run_cli(command, "--help", cwd=tmp_path).stdout
@@ -1436,8 +1436,8 @@ def test_fid_kid_in_memory(model):
 # Command line
 
 
-def run_fid_cli(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "fid.py"), *map(str, args)], capture_output=True,
+def run_fid_cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "fid.py"), *map(str, args)], capture_output=True, cwd=cwd,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
 
 
