@@ -526,9 +526,16 @@ class UNet(nn.Module):
 # w = 1 is the plain conditional flow (and costs one call); w > 1 pushes each
 # sprite further towards what sets its class apart, trading variety for clean,
 # typical sprites. Autoguidance (Karras et al. 2024) needs no labels: the weaker
-# field comes from a small guide network trained briefly beside the main one.
-# Its errors are the main network's errors, only larger, so extrapolating away
-# from it removes some of them:  u_w = u_guide + w (u_main - u_guide).
+# field comes from a worse version of the same model, here the run's own EMA
+# snapshot from early in training. Its errors are the main model's errors, only
+# larger, so extrapolating away from it removes some of them:
+#
+#     u_w = u_guide + w (u_main - u_guide)
+#
+# but only in luminance and alpha. The guide's colours are not the main model's
+# colours with a larger error; they are duller, so guiding chroma drives every
+# hue to a saturated primary. Shape, outline and shading live in luminance and
+# alpha (lab record, "Autoguidance"), so the chroma comes from u_main alone.
 #
 # Guiding the clean-sprite guess z_hat is the same as guiding u: u = a z_hat
 # + b x is affine in z_hat with coefficients that do not depend on the network,
@@ -602,7 +609,7 @@ def autocast(device, bf16):
 
 def guided_clean(model, c=None, w=1.0, guide=None, interval=GUIDE_INTERVAL, bf16=False):
     """z_w(x, t): the clean-sprite guess for labels c (B,) or None, guided as above by
-    classifier-free guidance (a model with classes) or by the guide network."""
+    classifier-free guidance (a model with classes) or by the guide (luminance and alpha)."""
     weak = (model.n_classes > 0 and c is not None) or guide is not None
 
     def clean(x, t):
@@ -614,6 +621,8 @@ def guided_clean(model, c=None, w=1.0, guide=None, interval=GUIDE_INTERVAL, bf16
                 z_main, z_weak = model.clean(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, none])).float().chunk(2)
             else:
                 z_main, z_weak = model.clean(x, t, c).float(), guide.clean(x, t).float()
+                rgb = (z_main - z_weak)[:, :3].mean(1, keepdim=True)  # the grey part of the RGB difference
+                z_weak = torch.cat([z_main[:, :3] - rgb, z_weak[:, 3:]], 1)  # z_main's chroma, guide's grey and alpha
         return (z_weak + w * (z_main - z_weak)).clamp(-1, 1)
 
     return clean
@@ -743,9 +752,8 @@ def run_progress(step, seconds, cfg):
 # Validation: the uncapped loss of the default EMA on held-out sprites at fixed
 # seeds for t and eps, so it changes only when the weights do; it picks best.pt.
 #
-# Autoguidance's guide (section 5) trains in the same loop on the same batches
-# for the first guide_fraction of the budget: a half-width U-Net with its own
-# optimizer and EMA. Then it is frozen, and costs nothing more.
+# Autoguidance's guide (section 5) is a frozen copy of the default EMA taken when
+# guide_fraction of the budget is spent: the same network, trained 8x less.
 #
 # bf16 halves the memory traffic of convolutions. On a GPU it is always on.
 # CPUs with bf16 dot-product instructions (avx512_bf16, amx_bf16, ARM bf16) can
@@ -807,8 +815,8 @@ class TrainConfig:
     flip: bool = option(True, "random horizontal flips")
     labels: bool = option(True, "classes from subfolders; --no-labels trains one unconditional model")
     label_dropout: float = option(0.1, "share of steps trained without the class, for classifier-free guidance")
-    guide: str = option("auto", "train a small autoguidance network (auto: when there are no classes)", ("auto", "on", "off"))
-    guide_fraction: float = option(0.0625, "share of the budget the guide trains for")
+    guide: str = option("auto", "keep an early EMA snapshot for autoguidance (auto: when there are no classes)", ("auto", "on", "off"))
+    guide_fraction: float = option(0.125, "share of the budget after which the guide snapshot is taken")
     grid: str = option("auto", "pixel-art block size of the data that samples snap to", ("auto", "1", "2", "4", "8"))
     # Bookkeeping.
     val_fraction: float = option(0.05, "share of sprites held out for validation")
@@ -862,12 +870,11 @@ def pick_device(name):
     return torch.device(name)
 
 
-def build_model(cfg, device, n_classes=0, guide=False):
-    """The U-Net a config describes (the guide: half as wide, no classes). On a GPU the
-    default working resolution is 64x64: there is compute to spare for finer positions."""
+def build_model(cfg, device, n_classes=0):
+    """The U-Net a config describes. On a GPU the default working resolution is 64x64:
+    there is compute to spare for finer positions."""
     unshuffle = cfg.unshuffle or (4 if device.type == "cpu" else 2)
-    widths = tuple(c // 2 if guide else c for c in numbers(cfg.channels, int))
-    return UNet(widths, cfg.blocks, unshuffle, cfg.target, cfg.schedule, cfg.norm_groups, 0 if guide else n_classes)
+    return UNet(numbers(cfg.channels, int), cfg.blocks, unshuffle, cfg.target, cfg.schedule, cfg.norm_groups, n_classes)
 
 
 def sample_t(n, cfg, generator, device):
@@ -981,7 +988,7 @@ def load_models(path, device="cpu", ema=None):
     if key not in ckpt["ema"]:
         raise UserError(f"checkpoint '{path}' keeps no EMA of length {key}; it has {', '.join(ckpt['ema'])}")
     nets = [(build_model(cfg, device, len(ckpt["classes"])), ckpt["ema"][key])]
-    nets += [(build_model(cfg, device, guide=True), ckpt["guide"])] if "guide" in ckpt else []
+    nets += [(build_model(cfg, device, len(ckpt["classes"])), ckpt["guide"])] if "guide" in ckpt else []
     for net, weights in nets:
         assert_finite(path, weights)
         try:
@@ -1090,10 +1097,7 @@ def build_networks(s):
     # state makes a resumed run draw exactly what the uninterrupted run would have.
     s.gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + s.rank)
     s.step, s.seconds, s.best_val, s.skipped, s.bad_in_row, s.guide = 0, 0.0, float("inf"), 0, 0, None
-    if s.is_main and (cfg.guide == "on" or (cfg.guide == "auto" and not s.classes)) and not (ckpt and "guide_model" not in ckpt):
-        s.guide = build_model(cfg, device, guide=True).to(device)
-        s.guide_opt = torch.optim.AdamW(s.guide.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    s.guide_ema = copy.deepcopy(s.guide).requires_grad_(False) if s.guide else None
+    s.wants_guide = cfg.guide == "on" or (cfg.guide == "auto" and not s.classes)
     if ckpt:
         s.model.load_state_dict(ckpt["model"])
         for length, ema in zip(s.lengths, s.emas):
@@ -1102,12 +1106,9 @@ def build_networks(s):
         s.step, s.seconds, s.best_val, s.skipped = ckpt["step"], ckpt["seconds"], ckpt["best_val"], ckpt["skipped"]
         # Only rank 0's stream is saved; other ranks restart theirs from a seed that depends on the step.
         s.gen.set_state(ckpt["rng"]) if s.rank == 0 else s.gen.manual_seed(cfg.seed * 1000 + s.rank + 7919 * s.step)
-        if s.guide:
-            s.guide.load_state_dict(ckpt["guide_model"])
-            s.guide_opt.load_state_dict(ckpt["guide_optimizer"])
-        if "guide" in ckpt and s.is_main:
-            s.guide_ema = build_model(cfg, device, guide=True).to(device).requires_grad_(False)
-            s.guide_ema.load_state_dict(ckpt["guide"])
+        if "guide" in ckpt:
+            s.guide = copy.deepcopy(s.emas[0])
+            s.guide.load_state_dict(ckpt["guide"])
     s.bf16, s.bf16_why = (ckpt["bf16"], "as when the run began") if ckpt and cfg.bf16 is None else decide_bf16(cfg.bf16, device, s.model)
     s.amp = autocast(device, s.bf16)
     # `net` is what the step calls: maybe wrapped by DDP (which all-reduces gradients
@@ -1139,7 +1140,7 @@ def open_log(s):
     classes = "; classes " + ", ".join(f"{c} {n}" for c, n in zip(s.classes, s.class_counts)) if s.classes else ", no classes"
     params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
     print(f"{len(s.names)} sprites ({len(s.train_idx)} train, {len(s.val_x)} val) from {s.data_path}{classes}; pixel grid {s.grid}; "
-          f"{params(s.model)} parameters{' + guide ' + params(s.guide_ema) if s.guide_ema else ''}; device {s.device}"
+          f"{params(s.model)} parameters; device {s.device}"
           f"{' x' + str(s.world) if s.world > 1 else ''}; bf16 {'on' if s.bf16 else 'off'} ({s.bf16_why}); run folder {s.run_dir}", file=sys.stderr)
 
 
@@ -1196,7 +1197,7 @@ def train_step(net, model, opt, z, t, eps, c, cfg, amp, lr):
 
 
 def one_step(s, progress):
-    """Draw a batch, take the step (and the guide's), update the EMAs, keep the books."""
+    """Draw a batch, take the step, update the EMAs (and take the guide), keep the books."""
     cfg, gen, device, B = s.cfg, s.gen, s.device, s.cfg.batch_size
     s.model.train()
     s.lr = lr_at(s.step, progress, cfg.lr, cfg.warmup)
@@ -1214,11 +1215,8 @@ def one_step(s, progress):
         ema_update(s.emas, s.model, s.step, s.gammas)
     elif s.bad_in_row >= MAX_BAD_STEPS:
         raise UserError(diverged(s, f"the loss was not finite for {MAX_BAD_STEPS} steps in a row"))
-    if s.guide and progress < cfg.guide_fraction:
-        if train_step(s.guide, s.guide, s.guide_opt, z, t, eps, None, cfg, s.amp, s.lr)[2]:
-            ema_update([s.guide_ema], s.guide, s.step, s.gammas[:1])
-    elif s.guide:  # its share of the budget is spent: keep only its EMA
-        s.guide = s.guide_opt = None
+    if s.wants_guide and s.guide is None and progress >= cfg.guide_fraction:
+        s.guide = copy.deepcopy(s.emas[0])  # autoguidance's guide: the model as it was at this point
     if s.is_main:
         bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)  # per-t losses: where is the flow hard?
         s.stats[:T_BUCKETS].index_add_(0, bucket, per_sample.float())
@@ -1283,10 +1281,8 @@ def checkpoint_state(s):
              "best_val": s.best_val, "rng": s.gen.get_state().cpu(), "config": dataclasses.asdict(s.cfg),
              "unshuffle": s.model.stem[0].downscale_factor, "classes": s.classes, "class_counts": s.class_counts,
              "grid": s.grid, "bf16": s.bf16, "data": s.data_path, "fingerprint": s.fingerprint, "skipped": s.skipped}
-    if s.guide_ema:
-        state["guide"] = s.guide_ema.state_dict()
-    if s.guide:  # still training: its weights and moments too
-        state["guide_model"], state["guide_optimizer"] = s.guide.state_dict(), s.guide_opt.state_dict()
+    if s.guide:
+        state["guide"] = s.guide.state_dict()
     return state
 
 
@@ -1461,7 +1457,7 @@ def cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out):
 # UserError, which main() prints as one line ("error: ...") with exit status 2.
 # -----------------------------------------------------------------------------
 
-CFG_GUIDANCE, AUTO_GUIDANCE = 2.0, 2.0  # default w for classifier-free guidance and autoguidance
+CFG_GUIDANCE, AUTO_GUIDANCE = 3.0, 2.0  # default w for classifier-free guidance and autoguidance (lab record)
 
 
 def sprite_sheet(images, cols=None, scale=1, checker=8):

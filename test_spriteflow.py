@@ -493,15 +493,15 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     """Stop at step 3, resume to step 6: model, EMA and optimizer state equal those of a run
     that went straight to step 6 (RNG, LR schedule and step count are all restored)."""
     data = write_sprites(tmp_path / "d", 6)
-    straight = sf.train(tiny_config(data, tmp_path / "a", guide_fraction=1.0))
-    sf.train(tiny_config(data, tmp_path / "b", guide_fraction=1.0), stop_after=3)
+    straight = sf.train(tiny_config(data, tmp_path / "a", guide_fraction=0.5))  # the guide snapshot at step 3
+    sf.train(tiny_config(data, tmp_path / "b", guide_fraction=0.5), stop_after=3)
     assert (tmp_path / "b" / "lock").exists() and not list((tmp_path / "b").glob("*.tmp"))
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
     resumed = sf.train(tiny_config(data, tmp_path / "b", resume=True))  # the budget and recipe come from the checkpoint
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(resumed / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
-    for key in ("model", "guide_model", "guide"):
+    for key in ("model", "guide"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
     for length in a["ema"]:
@@ -753,17 +753,21 @@ def perturbed(model, seed=0):
 
 def test_guidance_weight_one_is_the_conditional_model_and_zero_the_weak_one():
     """u_w = u_weak + w (u_main - u_weak): w = 1 gives the conditional (or main) field
-    exactly, w = 0 the unconditional field (classifier-free) or the guide's (autoguidance),
-    both within the [-1, 1] clamp."""
+    exactly; w = 0 gives the unconditional field (classifier-free), or for autoguidance the
+    guide's luminance and alpha under the main model's chroma; all within the [-1, 1] clamp."""
     torch.manual_seed(0)
     model = perturbed(sf.UNet((16, 32), 1, 4, n_classes=3))
-    guide = perturbed(sf.UNet((8, 16), 1, 4), seed=1)
+    guide = perturbed(sf.UNet((16, 32), 1, 4), seed=1)
     x, t, c = torch.randn(2, 4, 128, 128), torch.full((2,), 0.4), torch.tensor([0, 2])
     with torch.no_grad():
         assert torch.equal(sf.guided_clean(model, c, 1.0)(x, t), model.clean(x, t, c))
         assert torch.allclose(sf.guided_clean(model, c, 0.0)(x, t), model.clean(x, t, None).clamp(-1, 1), atol=1e-5)
         plain = sf.UNet((16, 32), 1, 4)
-        assert torch.allclose(sf.guided_clean(perturbed(plain), None, 0.0, guide)(x, t), guide.clean(x, t).clamp(-1, 1), atol=1e-6)
+        main = perturbed(plain)
+        z_main, z_guide = main.clean(x, t), guide.clean(x, t)
+        grey = (z_main - z_guide)[:, :3].mean(1, keepdim=True)  # autoguidance moves luminance and alpha only
+        expected = torch.cat([z_main[:, :3] - grey, z_guide[:, 3:]], 1).clamp(-1, 1)
+        assert torch.allclose(sf.guided_clean(main, None, 0.0, guide)(x, t), expected, atol=1e-6)
         two = sf.guided_clean(model, c, 2.0)(x, t)
         expected = (2 * model.clean(x, t, c) - model.clean(x, t, None)).clamp(-1, 1)
         assert torch.allclose(two, expected, atol=1e-5)
