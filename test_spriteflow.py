@@ -815,11 +815,15 @@ def test_sample_by_class_writes_rows_and_a_sheet_that_slices_back(class_run):
 
 
 def test_sample_never_overwrites_an_output_folder(class_run):
-    """A second `sample --out s2` writes to s2-2 and leaves the first sprites alone."""
+    """A second `sample --out s2` writes to s2-2 and leaves the first sprites alone; an output
+    folder that cannot be created is one sentence."""
     tmp, ckpt = class_run
     for _ in range(2):
         assert run_cli("sample", "--checkpoint", str(ckpt), "--n", "1", "--steps", "1", "--out", "s2", cwd=tmp).returncode == 0
     assert (tmp / "s2" / "sprite_000.png").exists() and (tmp / "s2-2" / "sprite_000.png").exists()
+    (tmp / "afile").write_text("a file, not a folder")
+    r = run_cli("sample", "--checkpoint", str(ckpt), "--n", "1", "--steps", "1", "--out", "afile/out", cwd=tmp)
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot write to") and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_old_checkpoints_load_with_one_ema_no_classes_and_grid_1(class_run, tmp_path):
