@@ -542,6 +542,13 @@ class UNet(nn.Module):
 # so (1 - w) u_0 + w u_1 = a ((1 - w) z_0 + w z_1) + b x. We guide z_hat because
 # there the result can be clamped to [-1, 1], the range of every sprite:
 # clamping moves each coordinate towards any valid z, so it only removes error.
+#
+# What guidance costs: a second field at every call. For classifier-free
+# guidance both fields come from one network, so x is sent through once as a
+# batch of 2B (class c, then "no class"); autoguidance calls a second network.
+# Either way a guided sprite costs about twice an unguided one, and w = 1 skips
+# the weak field. Guidance is a sampling-time choice: the same checkpoint gives
+# plain and guided sprites, so w can be tuned after training.
 # -----------------------------------------------------------------------------
 
 SAMPLERS = ("euler", "heun", "sde")
@@ -702,6 +709,11 @@ def class_plan(n, classes, counts, wanted=None):
 # a time budget anneals exactly when its time runs out, on any machine. The
 # training time so far is saved in the checkpoint, so a resumed run continues
 # the schedule where it left off.
+#
+# Why anneal at all: at a constant LR, Adam keeps the weights jittering about a
+# minimum at a scale set by the LR; lowering it at the end lets them settle.
+# The EMA averages that jitter away too, which is why both are sized by the
+# run's progress p, not by a fixed number of steps.
 # -----------------------------------------------------------------------------
 
 
@@ -758,9 +770,15 @@ def run_progress(step, seconds, cfg):
 # bf16 halves the memory traffic of convolutions. On a GPU it is always on.
 # CPUs with bf16 dot-product instructions (avx512_bf16, amx_bf16, ARM bf16) can
 # be faster in bf16 than in fp32; CPUs without them emulate it, ~50x slower.
-# We read the flags, then time a small training step each way.
+# We read the flags, then time a small training step each way: the flags say
+# whether bf16 can be fast, the probe whether it is on this machine and build
+# of PyTorch. bf16 keeps fp32's exponent range, so unlike fp16 it needs no loss
+# scaling; autocast keeps the weights, the optimizer and the loss in fp32.
 #
 # Nothing is lost, nothing is silent:
+# * Why skip, then stop: one non-finite step is often a fluke (one extreme
+#   batch at a high LR); skipping it costs one step. Several in a row mean
+#   the weights themselves have gone bad, and more steps will not mend them.
 # * A step whose gradient is not finite is skipped (weights and EMA stay as
 #   they were) and counted; MAX_BAD_STEPS in a row, or a non-finite validation
 #   loss, means the run diverged: it stops without saving, so the last good
@@ -1361,6 +1379,13 @@ def check_ranks_in_sync(model, rank, world):
 # known part of x_t along the path, the classic alternative, shows the network
 # y only through the noise; lab record, "Editing".) Known pixels are then
 # copied from y exactly.
+#
+# How exact is the round trip? Heun has a global error O(h^2) each way, so
+# sprite -> noise -> sprite lands close but not on the sprite, and the error
+# shrinks about 4x when --steps doubles. The network's own error does not
+# matter here: backwards and forwards integrate the same learned field u, so
+# the round trip tests the solver, not the model. Whether the noise is a
+# *typical* noise (norm near 256) says how well the model knows the sprite.
 # -----------------------------------------------------------------------------
 
 
@@ -1455,6 +1480,11 @@ def cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out):
 # evaluation script, fid.py. Output folders are never overwritten: a folder that
 # holds files gets a sibling OUT-2, OUT-3, ... Every user mistake raises
 # UserError, which main() prints as one line ("error: ...") with exit status 2.
+#
+# Outputs, and why each: grid.png is for looking (a checkerboard shows what is
+# transparent, one row per class); sheet.png and sheet.json are for using
+# (transparent background, frame size and each frame's place, as game engines
+# and sprite editors slice sheets); sprite_NNN.png are the sprites themselves.
 # -----------------------------------------------------------------------------
 
 CFG_GUIDANCE, AUTO_GUIDANCE = 3.0, 2.0  # default w for classifier-free guidance and autoguidance (lab record)
