@@ -1078,12 +1078,19 @@ def sync(device):
 
 
 def cpu_name():
-    """The CPU's model name, family and model from /proc/cpuinfo (where there is one)."""
+    """The CPU's model name, family, model and bf16 flags from /proc/cpuinfo (where there is
+    one), and the vector extension PyTorch picked: speed figures mean little without them."""
+    capability = torch.backends.cpu.get_cpu_capability()
     try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        return f"{info['model name'].strip()}, family {info['cpu family'].strip()}, model {info['model'].strip()}"
+        info = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first core's entry
+        bf16 = sorted(set(info.get("flags", "").split()) & {"avx512_bf16", "amx_bf16", "bf16"}) or ["none"]
+        return (f"{info['model name']}, family {info['cpu family']}, model {info['model']}; "
+                f"bf16 flags: {' '.join(bf16)}; PyTorch kernels: {capability}")
     except (OSError, KeyError):
-        return "unknown"
+        return f"unknown; PyTorch kernels: {capability}"
 
 
 def run_bench(args):
@@ -1109,7 +1116,7 @@ def run_bench(args):
     print(f"full resolution (no pixel-unshuffle), fp32: {full:.2f} train img/s", file=sys.stderr)
     use, why = spriteflow.decide_bf16(None, device, model)
     print(f"train would use bf16: {use} ({why})", file=sys.stderr)
-    print(json.dumps({"device": str(device), "cpu": cpu_name(), "threads": torch.get_num_threads(), "batch_size": batch,
+    print(json.dumps({"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device), "cpu": cpu_name(), "threads": torch.get_num_threads(), "batch_size": batch,
                       "params_m": round(n_params / 1e6, 2), **result, "train_img_s": result[f"train_img_s_{'bf16' if use else 'fp32'}"],
                       "full_res_train_img_s": round(full, 3), "peak_mem_mb": round(peak_mb), "bf16_chosen": use, "bf16_why": why}))
 
@@ -1208,6 +1215,14 @@ def load_sprites(folder):
         raise FIDError(f"{folder} does not exist.")
     if not folder.is_dir():
         raise FIDError(f"{folder} is not a folder.")
+    if (folder / "sheet.json").is_file():  # a `spriteflow.py sample` folder: its sprites, not grid.png, sheet.png, native/
+        paths = sorted(folder.glob("sprite_*.png"))
+        if not paths:
+            raise FIDError(f"{folder} holds a sheet.json but no sprite_*.png files.")
+        try:
+            return torch.from_numpy(np.stack([spriteflow.load_rgba(p) for p in paths])), [p.name for p in paths]
+        except Exception as e:  # PIL raises many types for broken files
+            raise FIDError(f"Could not read the sprites in {folder} ({e}).") from None
     try:
         loaded = spriteflow.load_folder(folder)  # (images, names) or, with class labels, (images, names, ...)
     except spriteflow.UserError as e:

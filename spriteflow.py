@@ -1487,7 +1487,7 @@ def cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out):
 # and sprite editors slice sheets); sprite_NNN.png are the sprites themselves.
 # -----------------------------------------------------------------------------
 
-CFG_GUIDANCE, AUTO_GUIDANCE = 3.0, 2.0  # default w for classifier-free guidance and autoguidance (lab record)
+CFG_GUIDANCE, AUTO_GUIDANCE = 2.0, 2.0  # default w: the largest that kept the distribution match (lab record)
 
 
 def sprite_sheet(images, cols=None, scale=1, checker=8):
@@ -1554,19 +1554,22 @@ def cmd_sample(args, model, guide, ckpt, device, out):
     with the default weight for the checkpoint's kind unless --guidance says otherwise."""
     if args.class_names and not ckpt["classes"]:
         raise UserError("this checkpoint was trained without classes, so --class cannot be used")
-    labels = class_plan(args.n, ckpt["classes"], ckpt["class_counts"], args.class_names.split(",") if args.class_names else None) if ckpt["classes"] else None
+    spread = ckpt["classes"] and not (args.edit and not args.class_names)  # an edit is steered by --class, or by no class
+    labels = class_plan(args.n, ckpt["classes"], ckpt["class_counts"], args.class_names.split(",") if args.class_names else None) if spread else None
     w = args.guidance if args.guidance is not None else CFG_GUIDANCE if labels is not None else AUTO_GUIDANCE if guide else 1.0
     grid = 1 if args.no_snap else ckpt["grid"]
     if args.edit:
         return cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out)
+    bf16, why = decide_bf16(args.bf16, device, model)  # as for training (section 7): where it is faster
     frames, t0 = [] if args.trajectory else None, time.time()
-    sprites = generate(model, args.n, args.steps, args.sampler, args.seed, device, labels, w, guide, grid, sigma=args.sigma, frames=frames, grid_shift=args.grid_shift)
+    sprites = generate(model, args.n, args.steps, args.sampler, args.seed, device, labels, w, guide, grid, bf16,
+                       sigma=args.sigma, frames=frames, grid_shift=args.grid_shift)
     write_sprites(out, sprites, None if labels is None else [ckpt["classes"][k] for k in labels], grid if args.native else 0)
     if frames is not None:
         write_trajectory(model, frames, args.steps, out)
     kind = " (classifier-free)" if labels is not None else " (autoguidance)" if guide else ""
     return (f"wrote {len(sprites)} sprites, grid.png, sheet.png{', trajectory.gif' if frames else ''} ({args.sampler}, {args.steps} steps, "
-            f"guidance {w:g}{kind}, grid {grid}, {time.time() - t0:.1f} s)")
+            f"guidance {w:g}{kind}, grid {grid}, bf16 {'on' if bf16 else 'off'} ({why}), {time.time() - t0:.1f} s)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -1608,7 +1611,8 @@ def build_parser():
     p.add_argument("--no-snap", action="store_true", help="do not snap samples to the training data's pixel grid")
     p.add_argument("--native", action="store_true", help="also write each sprite at its art's native size into OUT/native")
     p.add_argument("--trajectory", action="store_true", help="also write trajectory.gif/.png: noise (t=0) to sprite (t=1)")
-    p.add_argument("--edit", default="", help="a sprite to repaint in part (needs --mask)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: as train decides: on CUDA, and on a CPU where it is faster)")
+    p.add_argument("--edit", default="", help="a sprite to repaint in part (needs --mask; --class steers the repaint)")
     p.add_argument("--mask", default="", help="PNG whose opaque, non-black pixels mark what --edit repaints")
     return parser
 

@@ -1679,6 +1679,20 @@ def test_cli_nearest_reports_and_writes_the_sheet(tmp_path, capsys):
         assert sheet.size == (4 * 128, 128)
 
 
+def test_fid_reads_only_the_sprites_of_a_sample_folder(tmp_path):
+    """A folder written by `spriteflow.py sample` also holds grid.png, sheet.png and native/: the
+    measures must see the sprites only, or every sheet would count as one more (junk) sample."""
+    sprites = torch.from_numpy(blocky_sprites(3, seed=21))
+    sprites = torch.nn.functional.pad(sprites.permute(0, 3, 1, 2), (48, 48, 48, 48)).permute(0, 2, 3, 1).contiguous()
+    sprites[sprites[..., 3] == 0] = 0  # the loader clears the colour of invisible pixels
+    out = tmp_path / "samples"
+    out.mkdir()
+    sf.write_sprites(out, sprites, native=2)
+    images, names = fid.load_sprites(out)
+    assert names == ["sprite_000.png", "sprite_001.png", "sprite_002.png"]
+    assert torch.equal(images, sprites)
+
+
 @pytest.mark.parametrize("case", ["missing samples", "empty samples", "missing data", "samples is a file",
                                   "PATH_A and --measure", "--sheet without --nearest"])
 def test_cli_sprite_measures_bad_input_is_one_sentence(tmp_path, capsys, case):
