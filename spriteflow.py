@@ -1485,6 +1485,13 @@ def cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out):
 # transparent, one row per class); sheet.png and sheet.json are for using
 # (transparent background, frame size and each frame's place, as game engines
 # and sprite editors slice sheets); sprite_NNN.png are the sprites themselves.
+#
+# Precision: sample decides bf16 exactly as train does (section 7). Sampling
+# only reads the network, and the sprites are snapped to 256 levels at the
+# end, so bf16's 8-bit mantissa costs nothing measurable here (lab record);
+# invert and interpolate stay in fp32, where the round trip's error is the
+# point. An edit is steered by --class when given, else by no class at all:
+# spreading an edit over every class would turn a knight's new hat orcish.
 # -----------------------------------------------------------------------------
 
 CFG_GUIDANCE, AUTO_GUIDANCE = 2.0, 2.0  # default w: the largest that kept the distribution match (lab record)
