@@ -1077,7 +1077,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def cpu_name():
+def cpu_name(spriteflow):
     """The CPU's model name, family, model and bf16 flags from /proc/cpuinfo (where there is
     one), and the vector extension PyTorch picked: speed figures mean little without them."""
     capability = torch.backends.cpu.get_cpu_capability()
@@ -1086,7 +1086,7 @@ def cpu_name():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             info.setdefault(key.strip(), value.strip())  # the first core's entry
-        bf16 = sorted(set(info.get("flags", "").split()) & {"avx512_bf16", "amx_bf16", "bf16"}) or ["none"]
+        bf16 = sorted(set(info.get("flags", "").split()) & spriteflow.BF16_FLAGS) or ["none"]
         return (f"{info['model name']}, family {info['cpu family']}, model {info['model']}; "
                 f"bf16 flags: {' '.join(bf16)}; PyTorch kernels: {capability}")
     except (OSError, KeyError):
@@ -1116,7 +1116,7 @@ def run_bench(args):
     print(f"full resolution (no pixel-unshuffle), fp32: {full:.2f} train img/s", file=sys.stderr)
     use, why = spriteflow.decide_bf16(None, device, model)
     print(f"train would use bf16: {use} ({why})", file=sys.stderr)
-    print(json.dumps({"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device), "cpu": cpu_name(), "threads": torch.get_num_threads(), "batch_size": batch,
+    print(json.dumps({"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device), "cpu": cpu_name(spriteflow), "threads": torch.get_num_threads(), "batch_size": batch,
                       "params_m": round(n_params / 1e6, 2), **result, "train_img_s": result[f"train_img_s_{'bf16' if use else 'fp32'}"],
                       "full_res_train_img_s": round(full, 3), "peak_mem_mb": round(peak_mb), "bf16_chosen": use, "bf16_why": why}))
 
@@ -1155,7 +1155,7 @@ def sample_checkpoint(path, args, device):
         raise FIDError(str(e).rstrip(".") + ".") from None
     classes = ckpt["classes"]
     labels = spriteflow.class_plan(args.num_samples, classes, ckpt["class_counts"]) if classes else None
-    w = spriteflow.CFG_GUIDANCE if classes else spriteflow.AUTO_GUIDANCE if guide else 1.0  # sample's defaults
+    w = spriteflow.default_guidance(bool(classes), guide)
     print(f"sampling {args.num_samples} sprites from {path} ({args.sampler}, {args.steps} steps, guidance {w:g})", file=sys.stderr)
     images = spriteflow.generate(model, args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                  device=device, labels=labels, guidance=w, guide=guide, grid=ckpt["grid"])

@@ -933,10 +933,13 @@ def validation_loss(model, val_x, val_y, cfg, device, bf16, batch_size=64):
     return total / len(val_x)
 
 
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 and AMX, ARM
+
+
 def cpu_has_bf16():
     """Does /proc/cpuinfo list bf16 dot-product instructions? (False where there is none.)"""
     try:
-        return bool(set(Path("/proc/cpuinfo").read_text().split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+        return bool(set(Path("/proc/cpuinfo").read_text().split()) & BF16_FLAGS)
     except OSError:
         return False
 
@@ -1497,6 +1500,11 @@ def cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out):
 CFG_GUIDANCE, AUTO_GUIDANCE = 2.0, 2.0  # default w: the largest that kept the distribution match (lab record)
 
 
+def default_guidance(conditional, guide):
+    """sample's default w: classifier-free with class labels, autoguidance with a guide, else none."""
+    return CFG_GUIDANCE if conditional else AUTO_GUIDANCE if guide is not None else 1.0
+
+
 def sprite_sheet(images, cols=None, scale=1, checker=8):
     """uint8 (N, H, W, 4) -> one RGB image on a grey checkerboard (shows transparency)."""
     n, h, w, _ = images.shape
@@ -1563,7 +1571,7 @@ def cmd_sample(args, model, guide, ckpt, device, out):
         raise UserError("this checkpoint was trained without classes, so --class cannot be used")
     spread = ckpt["classes"] and not (args.edit and not args.class_names)  # an edit is steered by --class, or by no class
     labels = class_plan(args.n, ckpt["classes"], ckpt["class_counts"], args.class_names.split(",") if args.class_names else None) if spread else None
-    w = args.guidance if args.guidance is not None else CFG_GUIDANCE if labels is not None else AUTO_GUIDANCE if guide else 1.0
+    w = args.guidance if args.guidance is not None else default_guidance(labels is not None, guide)
     grid = 1 if args.no_snap else ckpt["grid"]
     if args.edit:
         return cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out)
