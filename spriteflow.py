@@ -126,10 +126,9 @@ def split_train_val(names, val_fraction, y=None):
         if len(held) == len(group):
             held.remove(max(held, key=u.__getitem__))  # keep one sprite to train on
         val += held
-    if not val and len(names) > 1 and val_fraction > 0:
-        val = [min(range(len(names)), key=u.__getitem__)]  # tiny folders still hold out one
-        if y is not None and (y == y[val[0]]).sum() == 1:
-            val = []
+    if not val and len(names) > 1 and val_fraction > 0:  # tiny folders still hold out one,
+        spare = [i for i in range(len(names)) if y is None or (y == y[i]).sum() > 1]
+        val = [min(spare, key=u.__getitem__)] if spare else []  # never a class's only sprite
     train = sorted(set(range(len(names))) - set(val))
     train = torch.tensor(train or val, dtype=torch.long)
     return train, torch.tensor(sorted(val), dtype=torch.long) if val else train
@@ -558,7 +557,7 @@ class UNet(nn.Module):
 # alpha^2 + beta^2) and integral v drho = sqrt(1 + rho^2), the line z_k + D (v -
 # v_k) integrates in closed form:
 #
-#     x' = (beta'/beta) x + c z_k + (n' - beta' n / beta - v_k c) D,   c = alpha' - beta' alpha / beta
+#     x' = (beta'/beta) x + c z_k + (n' - beta' n / beta - v_k c) D,  c = alpha' - beta' alpha/beta
 #
 # finite at t' = 1, where it lands on the line's value at v = 1. Each call
 # z_k = z_hat(x_k, t_k) fixes D = (z_k - z_{k-1}) / (v_k - v_{k-1}), used twice:
@@ -1051,6 +1050,7 @@ def train(cfg, stop_after=None):
         if ckpt:
             restore(state, ckpt, cfg, rank)  # Part II: weights, EMA, AdamW, RNG, counters
         bf16, why = decide_bf16(cfg.bf16, device, state.model, ckpt)  # Part II: where it pays
+        bf16 = any_rank(bf16, device)  # each process timed its own probe; all must train alike
         net = wrap(state.model, world, device, cfg.compile)  # Part II: DDP, torch.compile
         stop.during_start_up(folder)  # Part II: a signal during start-up ends here, in one line
         log = None  # under torchrun, the first process keeps the books
@@ -1066,7 +1066,8 @@ def train(cfg, stop_after=None):
 
 
 def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
-    """Step until the budget is spent or a stop is asked; returns "done" or "interrupted"."""
+    """Step until the budget is spent, a signal asks to stop or step `stop_after` is reached;
+    returns "done", "interrupted" or "stopped"."""
     device, gamma = data.train_x.device, ema_gamma(EMA_LENGTH)
     amp = autocast(device, bf16)
     wants_guide = cfg.guide == "on" or (cfg.guide == "auto" and not data.classes)
@@ -1076,7 +1077,7 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
         state.seconds, last = state.seconds + now - last, now
         progress = run_progress(state.step, state.seconds, cfg)
         if any_rank(progress >= 1 or stop.asked or state.step == stop_after, device):  # Part II
-            return "done" if progress >= 1 else "interrupted"
+            return "done" if progress >= 1 else "interrupted" if stop.asked else "stopped"
         state.model.train()
         z, c = draw_batch(data, cfg, state.gen)
         lr = lr_at(state.step, cfg.lr, cfg.warmup)
@@ -1153,9 +1154,6 @@ def validate_and_save(cfg, state, data, bf16, lr):
 # the round trip tests the solver, not the model. Whether the noise is a
 # *typical* noise (norm near 256) says how well the model knows the sprite.
 # -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
 
 
 @torch.no_grad()
@@ -1868,9 +1866,9 @@ def plot_training_log(folder, size=(900, 560)):
     if not series:
         return
     try:
-        draw_log_chart(series, str(folder)).save(folder / "training_log.png")
-    except OSError as e:
-        warnings.warn(f"could not write {folder / 'training_log.png'}: {e.strerror or e}")
+        save_png(draw_log_chart(series, str(folder), size), folder / "training_log.png")
+    except UserError as e:  # save_png's sentence: the file and why
+        warnings.warn(f"{e}; the plot is skipped")
 
 
 def draw_log_chart(series, title, size=(900, 560)):
@@ -2034,7 +2032,7 @@ def write_trajectory(model, noise, labels, guidance, guide, solver, bf16, out):
         z_hat = clean(frames[i], at(frames[i], ts[i]))
         state = to_uint8(frames[i], binary_alpha=(i == solver.steps))
         rows.append(torch.cat([state, to_uint8(z_hat, binary_alpha=False)]))
-    sheets = [sprite_sheet(row, 8) for row in rows]
+    sheets = [sprite_sheet(row, 2 * len(x)) for row in rows]
     gif, tmp = out / "trajectory.gif", out / "trajectory.gif.tmp"
     try:
         sheets[0].save(tmp, format="GIF", save_all=True,
@@ -2043,7 +2041,7 @@ def write_trajectory(model, noise, labels, guidance, guide, solver, bf16, out):
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write '{gif}': {e.strerror or e}")
-    save_png(sprite_sheet(torch.cat(rows), 8), out / "trajectory.png")
+    save_png(sprite_sheet(torch.cat(rows), 2 * len(x)), out / "trajectory.png")
 
 
 def fresh_folder(path):
@@ -2153,9 +2151,12 @@ def cmd_invert(args, model, ckpt, device, out):
     back_uint8 = to_uint8(snap_to_grid(back, ckpt["grid"]))
     row = [to_uint8(z), to_uint8(x0 / 3, binary_alpha=False), back_uint8]
     save_png(sprite_sheet(torch.cat(row), 3), out / "roundtrip.png")
+    tmp = out / "noise.pt.tmp"  # like save_png: a full disk leaves no half-written file
     try:
-        torch.save(x0.cpu(), out / "noise.pt")
+        torch.save(x0.cpu(), tmp)
+        os.replace(tmp, out / "noise.pt")
     except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write '{out / 'noise.pt'}': {e}")
     error = (back - z).pow(2).mean().sqrt().item()
     return (f"round trip of {args.sprite} ({args.steps} Heun steps each way): RMS error "
@@ -2432,7 +2433,8 @@ def main(argv=None):
         else:
             run_command(args)
     except UserError as e:
-        print(f"\nerror: {e}" if args.command == "train" else f"error: {e}", file=sys.stderr)
+        ends_progress = args.command == "train" and sys.stderr.isatty()  # a "\r" line is open
+        print(f"\nerror: {e}" if ends_progress else f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         saved = "nothing was written" if not (e.folder / "last.pt").exists() else \
