@@ -1497,6 +1497,7 @@ def cmd_edit(args, model, guide, ckpt, labels, w, grid, device, out):
 # spreading an edit over every class would turn a knight's new hat orcish.
 # -----------------------------------------------------------------------------
 
+DEFAULT_SAMPLER, DEFAULT_STEPS = "heun", 20  # sample's defaults (fid.py samples checkpoints the same way)
 CFG_GUIDANCE, AUTO_GUIDANCE = 2.0, 2.0  # default w: the largest that kept the distribution match (lab record)
 
 
