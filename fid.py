@@ -8,15 +8,22 @@ feature vector (the network's last pooling layer); the two sets become two
 clouds of points in 2048-d space, and we measure how far apart the clouds are.
 
     python fid.py data/images samples/                  # two folders of images
-    python fid.py data/images runs/latest/ckpt.pt       # sample 1000 sprites, score them
+    python fid.py data/images runs/20261126-150000/last.pt   # sample 1000 sprites, score them
     python fid.py data/images --save-stats real.npz     # cache the real set's statistics
     python fid.py real.npz samples/                     # FID against cached statistics
     python fid.py data/images samples/ --background black --batch-size 20
 
+A checkpoint (the trainer writes runs/<date-time>/last.pt and best.pt) is
+sampled with the sampler, step count and guidance weight that `spriteflow.py
+sample` uses by default; --sampler and --steps override the first two.
+
 Weight-free sprite measures (section 6; nothing to download, seconds on a CPU):
 
-    python fid.py --measure samples/ --data data/images  # pixel-art, saturation, random-feature FD
-    python fid.py --nearest samples/ --data data/images --sheet nn.png   # memorisation check
+    python fid.py measure samples/ --data data/images   # pixel-art, saturation, random-feature FD
+    python fid.py nearest samples/ --data data/images --sheet nn.png   # memorisation check
+
+Only a first argument of exactly "measure" or "nearest" is a subcommand: to
+score a folder of that name, pass it as ./measure (or ./nearest).
 
 FID, the Frechet Inception Distance (Heusel et al., 2017), fits a Gaussian to
 each cloud (mean mu, covariance sigma) and takes the Frechet (2-Wasserstein)
@@ -61,17 +68,12 @@ else they are downloaded there once.
 """
 
 import argparse
-import copy
-import csv
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import resource
 import sys
 import tempfile
-import time
 import urllib.request
 import warnings
 from pathlib import Path
@@ -80,7 +82,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageColor, ImageDraw, ImageFont
+from PIL import Image, ImageColor
 from scipy import linalg
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -970,159 +972,97 @@ def memorisation_report(samples, train, val):
 def nearest_sheet(samples, train, indices, pairs_per_row=8):
     """A PIL image: each sample (left) beside its nearest training sprite train[indices[i]]
     (right), pairs_per_row pairs to a row, on spriteflow's checkerboard."""
-    import spriteflow  # lazily, like sample_checkpoint: only this needs it
-
+    spriteflow = _spriteflow()  # the lazy import of section 7
     samples, train = _uint8_tensor(samples), _uint8_tensor(train)
     pairs = torch.stack([samples, train[torch.as_tensor(indices)]], dim=1).flatten(0, 1)  # s0, t0, s1, t1...
     return spriteflow.sprite_sheet(pairs, cols=2 * max(1, min(pairs_per_row, len(samples))))
 
 
 # -----------------------------------------------------------------------------
-# 7. Training diagnostics: the log plot and the speed benchmark
+# 7. Command line
 #
-# --plot RUN draws a run's training_log.csv: the training loss, the loss in
-# each fifth of the time axis (loss_t0 = t in [0, 0.2), ...) and the validation
-# loss. Losses span ~100x across t, hence the log scale. --bench times full
-# training steps and sampling of the default model on this device, in fp32
-# and, where the hardware has it, bf16, and prints the choice `train` makes.
-# -----------------------------------------------------------------------------
+# argparse's subparsers would claim the first word of every command line, yet
+# `python fid.py A B` must work whatever the folders are called. So main()
+# looks at the first argument itself: only the exact words "measure" and
+# "nearest" pick a subcommand, and a folder of that name is given as ./measure.
+# Each command gets its own small parser, so its --help lists only its flags.
+# measure and nearest load sprites as the trainer does (spriteflow.load_folder:
+# RGBA, 128x128, transparent pixels black) and end with one JSON line, so that
+# scripts can read the last line.
+
+SHEET_PAIRS = 64
+USAGE = """%(prog)s [options] PATH_A [PATH_B]
+       %(prog)s [options] PATH_A --save-stats OUT.npz
+       %(prog)s measure SAMPLES [--data DATA] [--n-data N] [--seed S] [--json]
+       %(prog)s nearest SAMPLES [--data DATA] [--sheet OUT.png] [--json]"""
+DESCRIPTION = """FID and KID between two sets of images: folders, .npz statistics or a
+SpriteFlow checkpoint to sample from. measure and nearest are weight-free
+sprite measures (see fid.py measure --help); a first argument of exactly
+"measure" or "nearest" picks one, so pass a folder of that name as ./measure."""
 
 
-def run_plot(args):
-    """--plot RUN: training_log.csv of a run folder -> training_log.png (or --out)."""
-    spriteflow = _spriteflow()
-    run_dir = Path(args.plot)
-    log_path = run_dir / "training_log.csv"
-    if not log_path.is_file():
-        raise FIDError(f"{log_path} does not exist; point --plot at a run folder.")
-    with open(log_path) as f:
-        rows = list(csv.DictReader(f))
-
-    def number(text):
-        try:
-            return float(text)
-        except (TypeError, ValueError):
-            return math.nan
-
-    names = ["loss"] + [f"loss_t{k}" for k in range(spriteflow.T_BUCKETS)] + ["val_loss"]
-    series = {n: [(number(r.get("step")), number(r.get(n))) for r in rows] for n in names}
-    series = {n: [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y) and y > 0] for n, pts in series.items()}
-    series = {n: pts for n, pts in series.items() if pts}
-    if not series:
-        raise FIDError(f"{log_path} has no finite losses yet.")
-    out = Path(args.out) if args.out else run_dir / "training_log.png"
+def _spriteflow():
+    """The one import of spriteflow.py, done lazily: FID of two folders runs without it."""
     try:
-        plot_log_scale(series, out, title=str(run_dir))
-    except OSError as e:
-        raise FIDError(f"Could not write {out} ({e.strerror or e}).") from None
-    print(f"wrote {out}")
+        import spriteflow
+    except ImportError as e:
+        message = f"Sprite measures and checkpoints need spriteflow.py next to fid.py ({e})."
+        raise FIDError(message) from None
+    return spriteflow
 
 
-def plot_log_scale(series, out, title="", size=(900, 560)):
-    """Line chart with a log-scale y axis, drawn with Pillow alone; a lone point is a dot."""
-    (W, H), (left, right, top, bottom) = size, (70, 170, 30, 50)
-    img = Image.new("RGB", size, "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [math.log10(y) for pts in series.values() for _, y in pts]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = math.floor(min(ys) * 4) / 4, math.ceil(max(ys) * 4) / 4 + 0.25
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake ends as one line, `error: ...`, like any other bad input."""
 
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right), H - bottom - (math.log10(y) - y0) / (y1 - y0) * (H - top - bottom))
-
-    for k in range(math.floor(y0), math.ceil(y1) + 1):  # decades and their 2x, 5x ticks
-        for m in (1, 2, 5):
-            if y0 <= math.log10(m * 10.0**k) <= y1:
-                _, y = px(x0, m * 10.0**k)
-                draw.line([(left, y), (W - right, y)], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
-                draw.text((5, y - 6), f"{m * 10.0**k:g}", fill="black", font=font)
-    for x in sorted({round(v) for v in np.linspace(x0, x1, 6)}):  # distinct whole steps
-        draw.text((px(x, 10**y0)[0] - 10, H - bottom + 8), f"{x}", fill="black", font=font)
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    draw.text((left, 8), f"{title}  (log scale; x: step)", fill="black", font=font)
-    colors = [(31, 119, 180), (230, 159, 0), (86, 180, 233), (0, 158, 115), (213, 94, 0), (204, 121, 167), (200, 0, 0)]
-    for i, (name, pts) in enumerate(series.items()):
-        color, points = colors[i % len(colors)], [px(x, y) for x, y in pts]
-        draw.line(points, fill=color, width=3 if name in ("loss", "val_loss") else 1)
-        for x, y in points if len(points) < 3 else []:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.line([(W - right + 10, top + 16 * i + 6), (W - right + 30, top + 16 * i + 6)], fill=color, width=3)
-        draw.text((W - right + 36, top + 16 * i), name, fill="black", font=font)
-    img.save(out)
+    def error(self, message):
+        raise FIDError(f"{message} (see {self.prog} --help)")
 
 
-def time_train_steps(spriteflow, cfg, device, steps, batch_size, bf16):
-    """Images/s of full training steps (forward, backward, AdamW, EMA) after one untimed step."""
-    torch.manual_seed(0)
-    model = spriteflow.build_model(cfg, device).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    net = torch.compile(model) if cfg.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    z = spriteflow.to_float(torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8)).to(device)
-    amp, gamma = spriteflow.autocast(device, bf16), spriteflow.ema_gamma(0.1)
-    for i in range(steps + 1):
-        if i == 1:  # the first step pays for allocation and kernel selection
-            sync(device)
-            start = time.time()
-        spriteflow.train_step(net, model, opt, z, torch.rand(batch_size, device=device), torch.randn_like(z), None, cfg, amp, 1e-4)
-        spriteflow.ema_update([ema], model, i + 1, [gamma])
-    sync(device)
-    return steps * batch_size / (time.time() - start), sum(p.numel() for p in model.parameters()), model
+def fid_parser():
+    """The parser of `fid.py PATH_A [PATH_B]`: FID and KID, or --save-stats."""
+    p = Parser(prog="fid.py", usage=USAGE, description=DESCRIPTION,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path_a", metavar="PATH_A", help="folder of images, or .npz with mu and sigma")
+    p.add_argument("path_b", metavar="PATH_B", nargs="?",
+                   help="folder of images, .npz with mu and sigma, or a SpriteFlow checkpoint .pt")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="write mu and sigma of PATH_A here")
+    p.add_argument("--batch-size", metavar="N", type=int, default=50, help="default: 50")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--num-samples", metavar="N", type=int, default=1000,
+                   help="sprites to draw from a checkpoint (default: 1000)")
+    p.add_argument("--weights", metavar="PATH",
+                   help=f"the file {WEIGHTS_NAME} (default: torch hub cache, else download)")
+    p.add_argument("--no-download", action="store_true", help="never download the weights")
+    p.add_argument("--background", metavar="COLOUR", default="white",
+                   help="behind transparent pixels: white (default), black or R,G,B")
+    # No defaults here: None means "as `spriteflow.py sample` does" (see sample_checkpoint).
+    p.add_argument("--sampler", choices=["euler", "heun", "sde"],
+                   help="checkpoint sampler (default: that of spriteflow.py sample)")
+    p.add_argument("--steps", metavar="N", type=int,
+                   help="checkpoint sampling steps (default: those of spriteflow.py sample)")
+    p.add_argument("--seed", metavar="S", type=int, default=0,
+                   help="checkpoint sampling seed (default: 0)")
+    return p
 
 
-def sync(device):
-    """Wait for queued GPU work: CUDA runs asynchronously, so timings need this."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def cpu_name(spriteflow):
-    """The CPU's model name, family, model and bf16 flags from /proc/cpuinfo (where there is
-    one), and the vector extension PyTorch picked: speed figures mean little without them."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    try:
-        info = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())  # the first core's entry
-        bf16 = sorted(set(info.get("flags", "").split()) & spriteflow.BF16_FLAGS) or ["none"]
-        return (f"{info['model name']}, family {info['cpu family']}, model {info['model']}; "
-                f"bf16 flags: {' '.join(bf16)}; PyTorch kernels: {capability}")
-    except (OSError, KeyError):
-        return f"unknown; PyTorch kernels: {capability}"
-
-
-def run_bench(args):
-    """--bench: speed of the default model in fp32 and (where it can pay) bf16, the full-
-    resolution twin for comparison, and train's bf16 choice; the last line is JSON."""
-    spriteflow = _spriteflow()
-    try:
-        device = spriteflow.pick_device(args.device or "auto")
-    except spriteflow.UserError as e:
-        raise FIDError(str(e)) from None
-    cfg, batch, result = spriteflow.TrainConfig(compile=args.compile), args.batch_size, {}
-    for bf16 in [False, True] if device.type == "cuda" or spriteflow.cpu_has_bf16() else [False]:
-        img_s, n_params, model = time_train_steps(spriteflow, cfg, device, args.steps, batch, bf16)
-        t0 = time.time()
-        spriteflow.generate(model, batch, cfg.sample_steps, device=device, bf16=bf16)
-        sync(device)
-        name = "bf16" if bf16 else "fp32"
-        result.update({f"train_img_s_{name}": round(img_s, 2), f"sample_img_s_{name}": round(batch / (time.time() - t0), 3)})
-        print(f"{name}: {img_s:.1f} train img/s, {result[f'sample_img_s_{name}']} sample img/s "
-              f"(heun, {cfg.sample_steps} steps, batch {batch})", file=sys.stderr)
-    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    full = time_train_steps(spriteflow, dataclasses.replace(cfg, unshuffle=1), device, max(1, args.steps // 4), min(batch, 8), False)[0]
-    print(f"full resolution (no pixel-unshuffle), fp32: {full:.2f} train img/s", file=sys.stderr)
-    use, why = spriteflow.decide_bf16(None, device, model)
-    print(f"train would use bf16: {use} ({why})", file=sys.stderr)
-    print(json.dumps({"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device), "cpu": cpu_name(spriteflow), "threads": torch.get_num_threads(), "batch_size": batch,
-                      "params_m": round(n_params / 1e6, 2), **result, "train_img_s": result[f"train_img_s_{'bf16' if use else 'fp32'}"],
-                      "full_res_train_img_s": round(full, 3), "peak_mem_mb": round(peak_mb), "bf16_chosen": use, "bf16_why": why}))
-
-
-# -----------------------------------------------------------------------------
-# 8. Command line
+def sprite_parser(name):
+    """The parser of `fid.py measure` or `fid.py nearest`: SAMPLES, --data, --json, and its own."""
+    what = {"measure": "Pixel-art and saturation stats of SAMPLES and DATA, and the "
+                       "random-feature Frechet distance between them.",
+            "nearest": "Memorisation check: each sample's nearest training sprite of DATA."}
+    p = Parser(prog=f"fid.py {name}", description=what[name])
+    p.add_argument("samples", metavar="SAMPLES", help="folder of sprites, e.g. from spriteflow.py")
+    p.add_argument("--data", default="data/images", help="training sprites (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    if name == "measure":
+        p.add_argument("--n-data", metavar="N", type=int,
+                       help="data sprites to compare with (default: as many as samples)")
+        p.add_argument("--seed", metavar="S", type=int, default=0,
+                       help="picks the random subset of the data (default: 0)")
+    else:
+        p.add_argument("--sheet", metavar="OUT.png",
+                       help=f"write the {SHEET_PAIRS} closest samples beside their neighbours")
+    return p
 
 
 def load_stats_file(path):
@@ -1136,7 +1076,8 @@ def load_stats_file(path):
     except FIDError:
         raise
     except Exception as e:
-        raise FIDError(f"Could not read the statistics file {path} ({type(e).__name__}: {e}).") from None
+        reason = f"{type(e).__name__}: {e}"
+        raise FIDError(f"Could not read the statistics file {path} ({reason}).") from None
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise FIDError(f"{path} holds mu of shape {mu.shape} and sigma of shape {sigma.shape}; "
                        f"expected (d,) and (d, d).")
@@ -1144,21 +1085,26 @@ def load_stats_file(path):
 
 
 def sample_checkpoint(path, args, device):
-    """Draw args.num_samples sprites from a SpriteFlow checkpoint -> (N, 128, 128, 4) uint8."""
-    try:
-        import spriteflow  # lazily: only this path needs it
-    except ImportError as e:
-        raise FIDError(f"Scoring a checkpoint needs spriteflow.py next to fid.py ({e}).") from None
+    """Draw args.num_samples sprites from a SpriteFlow checkpoint -> (N, 128, 128, 4) uint8,
+    with `spriteflow.py sample`'s sampler, steps and guidance unless --sampler/--steps say
+    otherwise: the score should be that of the sprites a user gets."""
+    spriteflow = _spriteflow()
     try:
         model, guide, ckpt = spriteflow.load_models(str(path), device)
     except spriteflow.UserError as e:
         raise FIDError(str(e).rstrip(".") + ".") from None
+    sampler = args.sampler if args.sampler is not None else spriteflow.DEFAULT_SAMPLER
+    steps = args.steps if args.steps is not None else spriteflow.DEFAULT_STEPS
     classes = ckpt["classes"]
-    labels = spriteflow.class_plan(args.num_samples, classes, ckpt["class_counts"]) if classes else None
+    labels = None
+    if classes:  # spread over the classes as in training, as sample does
+        labels = spriteflow.class_plan(args.num_samples, classes, ckpt["class_counts"])
     w = spriteflow.default_guidance(bool(classes), guide)
-    print(f"sampling {args.num_samples} sprites from {path} ({args.sampler}, {args.steps} steps, guidance {w:g})", file=sys.stderr)
-    images = spriteflow.generate(model, args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                                 device=device, labels=labels, guidance=w, guide=guide, grid=ckpt["grid"])
+    print(f"sampling {args.num_samples} sprites from {path} ({sampler}, {steps} steps, "
+          f"guidance {w:g})", file=sys.stderr)
+    images = spriteflow.generate(model, args.num_samples, steps=steps, sampler=sampler,
+                                 seed=args.seed, device=device, labels=labels, guidance=w,
+                                 guide=guide, grid=ckpt["grid"])
     del model
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()  # leave the GPU memory to Inception
@@ -1175,203 +1121,36 @@ def load_side(path, args, device, get_model):
     if path.is_file() and path.suffix.lower() == ".npz":
         return load_stats_file(path) + (None,)
     if path.is_file() and path.suffix.lower() == ".pt":
-        feats = features_from_uint8(sample_checkpoint(path, args, device), get_model(),
-                                    args.batch_size, device, args.background)
+        images = sample_checkpoint(path, args, device)
+        feats = features_from_uint8(images, get_model(), args.batch_size, device, args.background)
     elif path.is_dir():
         progress = None
         if sys.stderr.isatty():
             def progress(done):
                 print(f"\r{path}: {done} images", end="", file=sys.stderr, flush=True)
-        feats = features_from_folder(path, get_model(), args.batch_size, device, args.background, progress)
+        feats = features_from_folder(path, get_model(), args.batch_size, device,
+                                     args.background, progress)
         if progress:
             print(file=sys.stderr)
     else:
-        raise FIDError(f"{path} is neither a folder of images, a .npz of statistics nor a .pt checkpoint.")
+        raise FIDError(f"{path} is neither a folder of images, a .npz of statistics "
+                       f"nor a .pt checkpoint.")
     return statistics(feats) + (feats,)
 
 
-# The sprite measures of section 6 get two flags, --measure SAMPLES and
-# --nearest SAMPLES, rather than subcommands: `python fid.py A B` must keep
-# working, and a subcommand word such as "measure" could not be told apart
-# from a folder of that name given as PATH_A. Both load sprites as the
-# trainer does (spriteflow.load_folder: RGBA, 128x128, transparent pixels
-# black) and end with one JSON line, so scripts can read the last line.
-
-SHEET_PAIRS = 64
-
-
-def _spriteflow():
-    try:
-        import spriteflow  # lazily: only the sprite commands and checkpoints need it
-    except ImportError as e:
-        raise FIDError(f"--measure and --nearest need spriteflow.py next to fid.py ({e}).") from None
-    return spriteflow
-
-
-def load_sprites(folder):
-    """A folder of sprites (searched recursively) -> ((N, 128, 128, 4) uint8 tensor, names)."""
-    spriteflow, folder = _spriteflow(), Path(folder)
-    if not folder.exists():
-        raise FIDError(f"{folder} does not exist.")
-    if not folder.is_dir():
-        raise FIDError(f"{folder} is not a folder.")
-    if (folder / "sheet.json").is_file():  # a `spriteflow.py sample` folder: its sprites, not grid.png, sheet.png, native/
-        paths = sorted(folder.glob("sprite_*.png"))
-        if not paths:
-            raise FIDError(f"{folder} holds a sheet.json but no sprite_*.png files.")
-        try:
-            return torch.from_numpy(np.stack([spriteflow.load_rgba(p) for p in paths])), [p.name for p in paths]
-        except Exception as e:  # PIL raises many types for broken files
-            raise FIDError(f"Could not read the sprites in {folder} ({e}).") from None
-    try:
-        loaded = spriteflow.load_folder(folder)  # (images, names) or, with class labels, (images, names, ...)
-    except spriteflow.UserError as e:
-        raise FIDError(str(e).rstrip(".") + ".") from None
-    images, names = loaded[0], loaded[1]
-    return images.permute(0, 2, 3, 1).contiguous(), names
-
-
-def sprite_measures(images):
-    """pixel_art_stats and saturation_stats of uint8 (N, H, W, 4) sprites, in one dict."""
-    return {**pixel_art_stats(images), **saturation_stats(images)}
-
-
-def run_measure(args):
-    """--measure: the sprite measures of the samples and of a random subset of the data,
-    and the random-feature Frechet distance between them."""
-    samples, _ = load_sprites(args.measure)
-    data, _ = load_sprites(args.data)
-    n_data = min(args.n_data or len(samples), len(data))
-    if len(samples) < 2 or n_data < 2:
-        raise FIDError(f"--measure needs at least 2 sprites on each side, got {len(samples)} and {n_data}.")
-    # A fixed random subset, so that repeated runs compare against the same
-    # sprites; and a second, disjoint one of the samples' size, whose distance
-    # to the first is the data's own distance at these sizes: the floor.
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
-    reference = data[order[:n_data]]
-    rest = order[n_data:n_data + len(samples)]
-    feats_reference = random_features(reference)  # the network's seed stays 0: comparable across runs
-    floor = None
-    if len(rest) == len(samples):
-        floor = frechet_distance_of_features(random_features(data[rest]), feats_reference)
-    result = {"n_samples": len(samples), "n_data": n_data, "seed": args.seed,
-              "samples": sprite_measures(samples), "data": sprite_measures(reference),
-              "random_fd": frechet_distance_of_features(random_features(samples), feats_reference),
-              "random_fd_data_vs_data": floor}
-    if not args.json:
-        print(f"{len(samples)} samples from {args.measure} against {n_data} random sprites of {args.data} "
-              f"(seed {args.seed})")
-        print(f"{'':20}{'samples':>10}{'data':>10}")
-        for key, label, fmt in (("flatness", "flatness", ".3f"), ("colours", "colours", ".1f"),
-                                ("saturation", "saturation", ".4f"), ("saturation_std", "saturation std", ".4f")):
-            print(f"{label:20}{result['samples'][key]:>10{fmt}}{result['data'][key]:>10{fmt}}")
-        floor_text = f"{floor:.4g}" if floor is not None else f"needs {n_data + len(samples)} data sprites"
-        print(f"random-feature Frechet distance: {result['random_fd']:.4g} (data vs data: {floor_text})")
-    print(json.dumps(result))
-
-
-def run_nearest(args):
-    """--nearest: the memorisation report of the samples against the training split of the data."""
-    spriteflow = _spriteflow()
-    samples, sample_names = load_sprites(args.nearest)
-    data, names = load_sprites(args.data)
-    train_idx, val_idx = spriteflow.split_train_val(names, 0.05)  # the trainer's own split
-    train = data[train_idx]
-    report = memorisation_report(samples, train, data[val_idx])
-    distances, indices = report.pop("distances"), report.pop("indices")
-    closest = distances.argsort(stable=True)
-    flagged = [i for i in closest.tolist() if distances[i] < report["threshold"]]
-    if not args.json:
-        print(f"nearest training sprite (RMS distance, values in [-1, 1]) of {len(samples)} samples from "
-              f"{args.nearest} and of {len(val_idx)} held-out sprites, among {len(train)} training sprites of {args.data}")
-        print(f"{'':12}{'min':>9}{'5%':>9}{'median':>9}{'mean':>9}")
-        for key, label in (("samples", "samples"), ("held_out", "held-out")):
-            print(f"{label:12}" + "".join(f"{report[key][k]:>9.4f}" for k in ("min", "p5", "median", "mean")))
-        print(f"{len(flagged)} of {len(samples)} samples ({report['closer_than_held_out']:.1%}) are closer to a "
-              f"training sprite than any held-out sprite is ({report['threshold']:.4f})")
-        for i in flagged[:10]:
-            print(f"  {sample_names[i]}  {distances[i]:.4f}  {names[train_idx[indices[i]]]}")
-    if args.sheet:
-        shown = closest[:SHEET_PAIRS]
-        try:
-            nearest_sheet(samples[shown], train, indices[shown]).save(args.sheet)
-        except (OSError, ValueError) as e:  # ValueError: an extension PIL does not know
-            raise FIDError(f"Could not write {args.sheet} ({e}).") from None
-        if not args.json:
-            print(f"wrote {args.sheet}: the {len(shown)} closest samples (left), each beside its nearest "
-                  f"training sprite (right)")
-    print(json.dumps({"n_samples": len(samples), "n_train": len(train), "n_held_out": len(val_idx), **report}))
-
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="FID and KID between two sets of images (folders, .npz statistics, or a SpriteFlow checkpoint); "
-                    "or, with --measure or --nearest, weight-free sprite measures of a folder of samples.")
-    p.add_argument("path_a", metavar="PATH_A", nargs="?", help="folder of images, or .npz with mu and sigma")
-    p.add_argument("path_b", metavar="PATH_B", nargs="?",
-                   help="folder of images, .npz with mu and sigma, or a SpriteFlow checkpoint (.pt)")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="write mu and sigma of PATH_A to this file")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--num-samples", type=int, default=1000, help="sprites to sample from a checkpoint")
-    p.add_argument("--weights", help=f"path to {WEIGHTS_NAME} (default: torch hub cache, else download)")
-    p.add_argument("--no-download", action="store_true", help="never download the weights")
-    p.add_argument("--background", default="white", help="colour behind transparent pixels: white, black or R,G,B")
-    p.add_argument("--sampler", choices=["euler", "heun", "sde"], default="heun")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; with --measure, picks the data subset")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--measure", metavar="SAMPLES",
-                      help="pixel-art and saturation stats and the random-feature Frechet distance, SAMPLES vs --data")
-    mode.add_argument("--nearest", metavar="SAMPLES",
-                      help="memorisation check: each sample's nearest training sprite of --data")
-    mode.add_argument("--plot", metavar="RUN", help="draw RUN/training_log.csv as a PNG (log scale)")
-    mode.add_argument("--bench", action="store_true", help="training and sampling speed of the default model on this device")
-    p.add_argument("--data", default="data/images", help="the training sprites for --measure and --nearest")
-    p.add_argument("--n-data", type=int, help="--measure: data sprites to compare with (default: as many as samples)")
-    p.add_argument("--sheet", metavar="OUT.png",
-                   help=f"--nearest: write the {SHEET_PAIRS} closest samples beside their nearest training sprites")
-    p.add_argument("--json", action="store_true", help="--measure, --nearest: print only the JSON line")
-    p.add_argument("--out", help="--plot: PNG path (default: RUN/training_log.png)")
-    p.add_argument("--bench-steps", dest="bench_steps", type=int, default=8, help="--bench: timed training steps")
-    p.add_argument("--compile", action="store_true", help="--bench: torch.compile the model")
-    return p
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """Warnings on the command line: one plain line, no source location."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def run(args):
-    if args.plot or args.bench:
-        if args.path_a:
-            raise FIDError("--plot and --bench take no PATH_A or PATH_B.")
-        if args.bench:
-            args.steps, args.batch_size = args.bench_steps, args.batch_size if args.batch_size != 50 else 32
-            if args.steps < 1 or args.batch_size < 1:
-                raise FIDError("--bench-steps and --batch-size must be at least 1.")
-        return run_plot(args) if args.plot else run_bench(args)
-    if args.measure or args.nearest:
-        if args.path_a or args.save_stats:
-            raise FIDError("--measure and --nearest take the samples folder and --data, not PATH_A, PATH_B or --save-stats.")
-        if args.sheet and not args.nearest:
-            raise FIDError("--sheet goes with --nearest.")
-        if args.n_data is not None and args.n_data < 2:
-            raise FIDError("--n-data must be at least 2.")
-        return run_measure(args) if args.measure else run_nearest(args)
-    if args.path_a is None or (args.path_b is None and not args.save_stats):
-        raise FIDError("Give two paths to compare, one path and --save-stats OUT.npz, or --measure or --nearest SAMPLES.")
-    if args.batch_size < 1 or args.num_samples < 2 or args.steps < 1:
+def run_fid(args):
+    """fid.py PATH_A [PATH_B]: PATH_A's --save-stats, and FID and KID of the two sides."""
+    if args.path_b is None and not args.save_stats:
+        raise FIDError("Give two paths to compare, or one path and --save-stats OUT.npz.")
+    if args.batch_size < 1 or args.num_samples < 2 or (args.steps is not None and args.steps < 1):
         raise FIDError("--batch-size and --steps must be at least 1, --num-samples at least 2.")
-    parse_background(args.background)  # fail early on a bad colour
+    parse_background(args.background)  # fail early on a bad colour, not after minutes of work
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise FIDError(f"Unknown device {args.device!r}: use cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FIDError("--device cuda was asked for, but PyTorch sees no CUDA GPU here.")
-
     model = None
 
     def get_model():  # load Inception only when a side needs features
@@ -1390,33 +1169,166 @@ def run(args):
         except OSError as e:
             raise FIDError(f"Could not write {out} ({e.strerror}).") from None
         print(f"saved statistics of {args.path_a} ({mu_a.size}-d) to {out}")
-    if args.path_b is None:
-        return
-    mu_b, sigma_b, feats_b = load_side(args.path_b, args, device, get_model)
+    if args.path_b is not None:
+        print_scores((mu_a, sigma_a, feats_a), load_side(args.path_b, args, device, get_model))
+
+
+def print_scores(side_a, side_b):
+    """FID from the two sides' statistics; KID too where both sides have features."""
+    (mu_a, sigma_a, feats_a), (mu_b, sigma_b, feats_b) = side_a, side_b
     if mu_a.shape != mu_b.shape:
-        raise FIDError(f"The two sides have features of different sizes ({mu_a.size} and {mu_b.size}).")
+        raise FIDError(f"The two sides have features of different sizes "
+                       f"({mu_a.size} and {mu_b.size}).")
     try:
         fid = fid_between((mu_a, sigma_a), (mu_b, sigma_b), feats_a, feats_b)
     except ValueError as e:  # e.g. a .npz whose sigma is not a covariance matrix
         raise FIDError(f"Cannot compute FID: {e}") from None
     print(f"FID: {fid:.4f}")
     if feats_a is None or feats_b is None:
-        print("KID: not available (KID needs images on both sides, and a .npz holds statistics only)")
-    else:
-        kid_mean, kid_std = kid(feats_a, feats_b)
-        pm = "\u00b1"
+        print("KID: not available (KID needs images on both sides, "
+              "and a .npz holds statistics only)")
+        return
+    kid_mean, kid_std = kid(feats_a, feats_b)
+    pm = "\u00b1"
+    try:
+        pm.encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        pm = "+/-"  # a terminal that cannot show the plus-minus sign
+    print(f"KID: {kid_mean:.6f} {pm} {kid_std:.6f}")
+
+
+def load_sprites(folder, side):
+    """A folder of sprites (searched recursively) -> ((N, 128, 128, 4) uint8 tensor, names).
+    side, "samples" or "data", names the folder in every error: a user sees which one is wrong."""
+    spriteflow, folder = _spriteflow(), Path(folder)
+    if not folder.exists():
+        raise FIDError(f"The {side} folder {folder} does not exist.")
+    if not folder.is_dir():
+        raise FIDError(f"The {side} folder {folder} is not a folder.")
+    if (folder / "sheet.json").is_file():
+        # A `spriteflow.py sample` folder: its sprites, not grid.png, sheet.png or native/.
+        paths = sorted(folder.glob("sprite_*.png"))
+        if not paths:
+            raise FIDError(f"The {side} folder {folder} holds a sheet.json "
+                           f"but no sprite_*.png files.")
         try:
-            pm.encode(sys.stdout.encoding or "ascii")
-        except (UnicodeEncodeError, LookupError):
-            pm = "+/-"  # a terminal that cannot show the plus-minus sign
-        print(f"KID: {kid_mean:.6f} {pm} {kid_std:.6f}")
+            images = np.stack([spriteflow.load_rgba(p) for p in paths])
+        except Exception as e:  # PIL raises many types for broken files
+            raise FIDError(f"Could not read the {side} sprites in {folder} ({e}).") from None
+        return torch.from_numpy(images), [p.name for p in paths]
+    # Checked here: load_folder's own message would call even the samples a "data folder".
+    if not any(p.suffix.lower() in spriteflow.IMAGE_SUFFIXES for p in folder.rglob("*")):
+        raise FIDError(f"The {side} folder {folder} holds no PNG, GIF, WebP or BMP images.")
+    try:
+        loaded = spriteflow.load_folder(folder)  # (images, names, classes, labels)
+    except spriteflow.UserError as e:
+        raise FIDError(f"Could not load the {side} folder ({e}).") from None
+    return loaded[0].permute(0, 2, 3, 1).contiguous(), loaded[1]
+
+
+def sprite_measures(images):
+    """pixel_art_stats and saturation_stats of uint8 (N, H, W, 4) sprites, in one dict."""
+    return {**pixel_art_stats(images), **saturation_stats(images)}
+
+
+def run_measure(args):
+    """fid.py measure: the sprite measures of the samples and of a random subset of the data,
+    and the random-feature Frechet distance between them."""
+    if args.n_data is not None and args.n_data < 2:
+        raise FIDError("--n-data must be at least 2.")
+    samples, _ = load_sprites(args.samples, "samples")
+    data, _ = load_sprites(args.data, "data")
+    n_data = min(args.n_data or len(samples), len(data))
+    if len(samples) < 2 or n_data < 2:
+        raise FIDError(f"fid.py measure needs at least 2 sprites on each side, got "
+                       f"{len(samples)} samples and {n_data} data sprites.")
+    # A fixed random subset, so that repeated runs compare against the same
+    # sprites; and a second, disjoint one of the samples' size, whose distance
+    # to the first is the data's own distance at these sizes: the floor.
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+    reference = data[order[:n_data]]
+    rest = order[n_data:n_data + len(samples)]
+    feats_reference = random_features(reference)  # the network's seed stays 0: comparable runs
+    floor = None
+    if len(rest) == len(samples):
+        floor = frechet_distance_of_features(random_features(data[rest]), feats_reference)
+    distance = frechet_distance_of_features(random_features(samples), feats_reference)
+    result = {"n_samples": len(samples), "n_data": n_data, "seed": args.seed,
+              "samples": sprite_measures(samples), "data": sprite_measures(reference),
+              "random_fd": distance, "random_fd_data_vs_data": floor}
+    if not args.json:
+        print(f"{len(samples)} samples from {args.samples} against {n_data} random sprites "
+              f"of {args.data} (seed {args.seed})")
+        print(f"{'':20}{'samples':>10}{'data':>10}")
+        for key, label, fmt in (("flatness", "flatness", ".3f"), ("colours", "colours", ".1f"),
+                                ("saturation", "saturation", ".4f"),
+                                ("saturation_std", "saturation std", ".4f")):
+            print(f"{label:20}{result['samples'][key]:>10{fmt}}{result['data'][key]:>10{fmt}}")
+        floor_text = f"needs {n_data + len(samples)} data sprites"
+        if floor is not None:
+            floor_text = f"{floor:.4g}"
+        print(f"random-feature Frechet distance: {distance:.4g} (data vs data: {floor_text})")
+    print(json.dumps(result))
+
+
+def run_nearest(args):
+    """fid.py nearest: the memorisation report of the samples against the training split."""
+    spriteflow = _spriteflow()
+    samples, sample_names = load_sprites(args.samples, "samples")
+    data, names = load_sprites(args.data, "data")
+    train_idx, val_idx = spriteflow.split_train_val(names, 0.05)  # the trainer's own split
+    train = data[train_idx]
+    report = memorisation_report(samples, train, data[val_idx])
+    distances, indices = report.pop("distances"), report.pop("indices")
+    closest = distances.argsort(stable=True)
+    flagged = [i for i in closest.tolist() if distances[i] < report["threshold"]]
+    if not args.json:
+        print(f"nearest training sprite (RMS distance, values in [-1, 1]) of {len(samples)} "
+              f"samples from {args.samples} and of {len(val_idx)} held-out sprites, "
+              f"among {len(train)} training sprites of {args.data}")
+        print(f"{'':12}{'min':>9}{'5%':>9}{'median':>9}{'mean':>9}")
+        for key, label in (("samples", "samples"), ("held_out", "held-out")):
+            values = [report[key][k] for k in ("min", "p5", "median", "mean")]
+            print(f"{label:12}" + "".join(f"{v:>9.4f}" for v in values))
+        share = report["closer_than_held_out"]
+        print(f"{len(flagged)} of {len(samples)} samples ({share:.1%}) are closer to a training "
+              f"sprite than any held-out sprite is ({report['threshold']:.4f})")
+        for i in flagged[:10]:
+            print(f"  {sample_names[i]}  {distances[i]:.4f}  {names[train_idx[indices[i]]]}")
+    if args.sheet:
+        shown = closest[:SHEET_PAIRS]
+        try:
+            nearest_sheet(samples[shown], train, indices[shown]).save(args.sheet)
+        except (OSError, ValueError) as e:  # ValueError: an extension PIL does not know
+            raise FIDError(f"Could not write {args.sheet} ({e}).") from None
+        if not args.json:
+            print(f"wrote {args.sheet}: the {len(shown)} closest samples (left), each beside its "
+                  f"nearest training sprite (right)")
+    print(json.dumps({"n_samples": len(samples), "n_train": len(train),
+                      "n_held_out": len(val_idx), **report}))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings on the command line: one plain line, no source location."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def parse_command_line(argv):
+    """argv -> (the function that runs the command, its arguments). Only the exact first
+    words "measure" and "nearest" are subcommands; anything else is PATH_A."""
+    if argv and argv[0] in ("measure", "nearest"):
+        run_sprites = run_measure if argv[0] == "measure" else run_nearest
+        return run_sprites, sprite_parser(argv[0]).parse_args(argv[1:])
+    return run_fid, fid_parser().parse_args(argv)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Parse the command line and run one command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        run(args)
+        command, args = parse_command_line(argv)
+        command(args)
     except FIDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2  # like argparse's usage errors and spriteflow.py

@@ -1904,33 +1904,38 @@ def test_memorisation_report_flags_a_planted_copy():
 
 
 def test_cli_measure_prints_one_json_line(tmp_path):
-    """`python fid.py --measure SAMPLES --data DATA` (data in subfolders) ends with one JSON line:
-    the stats of both sides, the random-feature distance and its data-vs-data floor; --json prints
-    only that line."""
+    """`python fid.py measure SAMPLES --data DATA` (data in subfolders) ends with one JSON line:
+    the stats of both sides, the random-feature distance and its data-vs-data floor; --json
+    prints only that line."""
     samples = write_pngs(tmp_path / "samples", blocky_sprites(3, seed=13))
     write_pngs(tmp_path / "data" / "orc", blocky_sprites(4, seed=14))
     write_pngs(tmp_path / "data" / "elf", blocky_sprites(4, seed=15))
-    result = run_fid_cli("--measure", samples, "--data", tmp_path / "data")
+    result = run_fid_cli("measure", samples, "--data", tmp_path / "data")
     assert result.returncode == 0, result.stderr
     line = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"n_samples", "n_data", "seed", "samples", "data", "random_fd", "random_fd_data_vs_data"} <= line.keys()
+    expected_keys = {"n_samples", "n_data", "seed", "samples", "data", "random_fd",
+                     "random_fd_data_vs_data"}
+    assert expected_keys <= line.keys()
     assert line["n_samples"] == line["n_data"] == 3
-    assert set(line["samples"]) == set(line["data"]) == {"flatness", "colours", "saturation", "saturation_std"}
+    measures = {"flatness", "colours", "saturation", "saturation_std"}
+    assert set(line["samples"]) == set(line["data"]) == measures
     assert line["random_fd"] > 0 and line["random_fd_data_vs_data"] > 0
-    assert fid.main(["--measure", str(samples), "--data", str(tmp_path / "data"), "--json", "--n-data", "8"]) == 0
+    args = ["measure", samples, "--data", tmp_path / "data", "--json", "--n-data", 8]
+    assert fid.main(args) == 0
 
 
 def test_cli_nearest_reports_and_writes_the_sheet(tmp_path, capsys):
-    """`python fid.py --nearest SAMPLES --data DATA --sheet OUT.png` names the planted copy, ends
+    """`python fid.py nearest SAMPLES --data DATA --sheet OUT.png` names the planted copy, ends
     with a JSON line whose share counts it, and writes the sheet."""
     data = blocky_sprites(8, seed=16)
     write_pngs(tmp_path / "data", data)
-    samples = np.full((2, 32, 32, 4), 255, dtype=np.uint8)  # solid white: far from every data sprite
+    samples = np.full((2, 32, 32, 4), 255, dtype=np.uint8)  # solid white: far from all data
     _, val_idx = sf.split_train_val([f"sprite_{i:03d}.png" for i in range(8)], 0.05)
     train_idx = [i for i in range(8) if i not in val_idx.tolist()]
     samples[1] = data[train_idx[0]]
     write_pngs(tmp_path / "samples", samples)
-    args = ["--nearest", str(tmp_path / "samples"), "--data", str(tmp_path / "data"), "--sheet", str(tmp_path / "nn.png")]
+    args = ["nearest", tmp_path / "samples", "--data", tmp_path / "data",
+            "--sheet", tmp_path / "nn.png"]
     assert fid.main(args) == 0
     out = capsys.readouterr().out
     assert f"sprite_001.png  0.0000  sprite_{train_idx[0]:03d}.png" in out
@@ -1944,31 +1949,146 @@ def test_fid_reads_only_the_sprites_of_a_sample_folder(tmp_path):
     """A folder written by `spriteflow.py sample` also holds grid.png, sheet.png and native/: the
     measures must see the sprites only, or every sheet would count as one more (junk) sample."""
     sprites = torch.from_numpy(blocky_sprites(3, seed=21))
-    sprites = torch.nn.functional.pad(sprites.permute(0, 3, 1, 2), (48, 48, 48, 48)).permute(0, 2, 3, 1).contiguous()
+    sprites = sprites.permute(0, 3, 1, 2)
+    sprites = torch.nn.functional.pad(sprites, (48, 48, 48, 48)).permute(0, 2, 3, 1).contiguous()
     sprites[sprites[..., 3] == 0] = 0  # the loader clears the colour of invisible pixels
     out = tmp_path / "samples"
     out.mkdir()
     sf.write_sprites(out, sprites, native=2)
-    images, names = fid.load_sprites(out)
+    images, names = fid.load_sprites(out, "samples")
     assert names == ["sprite_000.png", "sprite_001.png", "sprite_002.png"]
     assert torch.equal(images, sprites)
 
 
-@pytest.mark.parametrize("case", ["missing samples", "empty samples", "missing data", "samples is a file",
-                                  "PATH_A and --measure", "--sheet without --nearest"])
+@pytest.mark.parametrize("case", ["missing samples", "empty samples", "missing data",
+                                  "samples is a file", "a second path", "--sheet with measure",
+                                  "--n-data with nearest", "no samples"])
 def test_cli_sprite_measures_bad_input_is_one_sentence(tmp_path, capsys, case):
-    """Bad input to --measure/--nearest exits with status 2 and one `error: ...` line, no traceback."""
+    """Bad input to measure/nearest, including flags or paths the subcommand does not take,
+    exits with status 2 and one `error: ...` line, no traceback."""
     empty = tmp_path / "empty"
     empty.mkdir()
     good = write_pngs(tmp_path / "good", blocky_sprites(2, seed=18))
     (tmp_path / "file.png").write_bytes(b"x")
-    args = {"missing samples": ["--measure", tmp_path / "nope", "--data", good],
-            "empty samples": ["--nearest", empty, "--data", good],
-            "missing data": ["--measure", good, "--data", tmp_path / "nope"],
-            "samples is a file": ["--nearest", tmp_path / "file.png", "--data", good],
-            "PATH_A and --measure": [good, "--measure", good, "--data", good],
-            "--sheet without --nearest": ["--measure", good, "--data", good, "--sheet", tmp_path / "s.png"]}[case]
-    assert fid.main(list(map(str, args))) == 2
+    args = {"missing samples": ["measure", tmp_path / "nope", "--data", good],
+            "empty samples": ["nearest", empty, "--data", good],
+            "missing data": ["measure", good, "--data", tmp_path / "nope"],
+            "samples is a file": ["nearest", tmp_path / "file.png", "--data", good],
+            "a second path": ["measure", good, good, "--data", good],
+            "--sheet with measure": ["measure", good, "--sheet", tmp_path / "s.png"],
+            "--n-data with nearest": ["nearest", good, "--data", good, "--n-data", 4],
+            "no samples": ["measure", "--data", good]}[case]
+    assert fid.main(args) == 2
     captured = capsys.readouterr()
     assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("error: ")
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("side", ["samples", "data"])
+def test_cli_empty_folder_error_names_its_side(tmp_path, capsys, side):
+    """An empty samples folder is reported as "the samples folder ... holds no ... images", never
+    as a "data folder"; an empty data folder as the data folder. Same for measure and nearest."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    good = write_pngs(tmp_path / "good", blocky_sprites(2, seed=19))
+    samples, data = (empty, good) if side == "samples" else (good, empty)
+    for command in ("measure", "nearest"):
+        assert fid.main([command, samples, "--data", data]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: The {side} folder {empty} holds no ")
+        other = "data" if side == "samples" else "samples"
+        assert f"{other} folder" not in err
+
+
+def test_cli_help_lists_the_subcommands_and_each_its_own_flags(capsys):
+    """`fid.py --help` shows the three forms and how to pass a folder named measure;
+    `fid.py measure --help` and `fid.py nearest --help` list their own flags, not FID's."""
+    helps = {}
+    for argv in (["--help"], ["measure", "--help"], ["nearest", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            fid.main(argv)
+        assert info.value.code == 0
+        helps[argv[0]] = capsys.readouterr().out
+    assert "fid.py measure SAMPLES" in helps["--help"]
+    assert "fid.py nearest SAMPLES" in helps["--help"]
+    assert "./measure" in helps["--help"] and "--save-stats" in helps["--help"]
+    assert "usage: fid.py measure" in helps["measure"] and "--n-data" in helps["measure"]
+    assert "usage: fid.py nearest" in helps["nearest"] and "--sheet" in helps["nearest"]
+    assert "--save-stats" not in helps["measure"] + helps["nearest"]
+    assert "--sheet" not in helps["measure"] and "--n-data" not in helps["nearest"]
+
+
+def test_cli_first_word_dispatches_to_the_subcommand(monkeypatch):
+    """Only an exact first word "measure" or "nearest" runs that subcommand, with its own
+    arguments parsed; anything else, "./measure" included, is PATH_A of the FID command."""
+    called = []
+    for name in ("run_fid", "run_measure", "run_nearest"):
+        monkeypatch.setattr(fid, name, lambda args, name=name: called.append((name, args)))
+    assert fid.main(["measure", "s", "--n-data", "5", "--seed", "3"]) == 0
+    assert fid.main(["nearest", "s", "--sheet", "nn.png", "--json"]) == 0
+    assert fid.main(["./measure", "nearest"]) == 0
+    assert [name for name, _ in called] == ["run_measure", "run_nearest", "run_fid"]
+    measure, nearest, fid_args = (args for _, args in called)
+    assert (measure.samples, measure.n_data, measure.seed, measure.json) == ("s", 5, 3, False)
+    assert (nearest.samples, nearest.sheet, nearest.json) == ("s", "nn.png", True)
+    assert (fid_args.path_a, fid_args.path_b) == ("./measure", "nearest")
+
+
+def test_cli_folder_named_measure_is_a_path_as_dot_slash(tmp_path, monkeypatch, weights_path,
+                                                         capsys):
+    """A folder literally named "measure" is scored as PATH_A when written ./measure (its
+    statistics are saved), while the bare word is the subcommand, which has no --save-stats."""
+    write_pngs(tmp_path / "measure", random_sprites(2, size=16, seed=20))
+    monkeypatch.chdir(tmp_path)
+    args = ["--save-stats", "m.npz", "--weights", weights_path]
+    assert fid.main(["./measure", *args]) == 0
+    with np.load(tmp_path / "m.npz") as stats:
+        assert stats["mu"].shape == (fid.FEATURE_DIM,)
+    assert "saved statistics of ./measure" in capsys.readouterr().out
+    assert fid.main(["measure", *args]) == 2
+    assert "unrecognized arguments: --save-stats" in capsys.readouterr().err
+
+
+def test_cli_unknown_flag_is_one_error_line(tmp_path):
+    """A flag the command does not know (here --measure, now a subcommand, and --bogus after a
+    subcommand) ends the process with status 2 and one `error: ...` line: no usage block, no
+    traceback, nothing on stdout."""
+    samples = write_pngs(tmp_path / "samples", blocky_sprites(2, seed=22))
+    for argv in (["--measure", samples, "--data", samples], ["nearest", samples, "--bogus"]):
+        result = run_fid_cli(*argv)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: unrecognized arguments: ")
+        unknown = "--bogus" if argv[-1] == "--bogus" else "--measure"
+        assert unknown in lines[0]
+        assert result.stdout == ""
+
+
+def test_checkpoint_sampling_defaults_come_from_spriteflow(monkeypatch, capsys):
+    """Without --sampler and --steps, sample_checkpoint passes spriteflow.DEFAULT_SAMPLER and
+    spriteflow.DEFAULT_STEPS (and sample's default guidance) to spriteflow.generate; the flags,
+    when given, win. Those constants are also the defaults of `spriteflow.py sample` itself."""
+    calls = []
+
+    def fake_generate(model, n, **kw):
+        calls.append(kw)
+        return torch.zeros(n, 128, 128, 4, dtype=torch.uint8)
+
+    ckpt = {"classes": [], "class_counts": [], "grid": 4}
+    monkeypatch.setattr(sf, "load_models", lambda path, device: (torch.nn.Identity(), None, ckpt))
+    monkeypatch.setattr(sf, "generate", fake_generate)
+    monkeypatch.setattr(sf, "DEFAULT_SAMPLER", "euler")
+    monkeypatch.setattr(sf, "DEFAULT_STEPS", 3)
+    args = fid.fid_parser().parse_args(["data", "run.pt", "--num-samples", "2", "--seed", "7"])
+    assert args.sampler is None and args.steps is None  # no defaults of fid.py's own
+    images = fid.sample_checkpoint("run.pt", args, "cpu")
+    assert images.shape == (2, 128, 128, 4) and images.dtype == np.uint8
+    assert (calls[0]["sampler"], calls[0]["steps"], calls[0]["seed"]) == ("euler", 3, 7)
+    assert calls[0]["guidance"] == sf.default_guidance(False, None) and calls[0]["grid"] == 4
+    assert "(euler, 3 steps, guidance 1)" in capsys.readouterr().err
+    args.sampler, args.steps = "heun", 5
+    fid.sample_checkpoint("run.pt", args, "cpu")
+    assert (calls[1]["sampler"], calls[1]["steps"]) == ("heun", 5)
+    monkeypatch.undo()
+    sample = sf.build_parser().parse_args(["sample"])
+    assert (sample.sampler, sample.steps) == (sf.DEFAULT_SAMPLER, sf.DEFAULT_STEPS)
