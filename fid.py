@@ -1036,7 +1036,7 @@ def fid_parser():
     p.add_argument("--background", metavar="COLOUR", default="white",
                    help="behind transparent pixels: white (default), black or R,G,B")
     # No defaults here: None means "as `spriteflow.py sample` does" (see sample_checkpoint).
-    p.add_argument("--sampler", choices=["euler", "heun", "sde"],
+    p.add_argument("--sampler", choices=["heun", "multistep", "euler", "sde"],
                    help="checkpoint sampler (default: that of spriteflow.py sample)")
     p.add_argument("--steps", metavar="N", type=int,
                    help="checkpoint sampling steps (default: those of spriteflow.py sample)")
@@ -1099,12 +1099,13 @@ def sample_checkpoint(path, args, device):
     labels = None
     if classes:  # spread over the classes as in training, as sample does
         labels = spriteflow.class_plan(args.num_samples, classes, ckpt["class_counts"])
-    w = spriteflow.default_guidance(bool(classes), guide)
+    w = spriteflow.default_guidance(bool(classes))
+    bf16, _ = spriteflow.decide_bf16(None, torch.device(device), model, backward=False, batch=64)
     print(f"sampling {args.num_samples} sprites from {path} ({sampler}, {steps} steps, "
-          f"guidance {w:g})", file=sys.stderr)
-    images = spriteflow.generate(model, args.num_samples, steps=steps, sampler=sampler,
-                                 seed=args.seed, device=device, labels=labels, guidance=w,
-                                 guide=guide, grid=ckpt["grid"])
+          f"guidance {w:g}, bf16 {'on' if bf16 else 'off'})", file=sys.stderr)
+    noise = spriteflow.gaussian_noise(args.num_samples, args.seed)
+    solver = spriteflow.Solver(sampler, steps, seed=args.seed)
+    images = spriteflow.generate(model, noise, labels, w, guide, solver, ckpt["grid"], bf16)
     del model
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()  # leave the GPU memory to Inception
@@ -1276,7 +1277,12 @@ def run_nearest(args):
     spriteflow = _spriteflow()
     samples, sample_names = load_sprites(args.samples, "samples")
     data, names = load_sprites(args.data, "data")
-    train_idx, val_idx = spriteflow.split_train_val(names, 0.05)  # the trainer's own split
+    tops = [name.split("/")[0] if "/" in name else None for name in names]
+    classes = sorted(set(tops) - {None})
+    y = None  # class labels as the trainer reads them, for its stratified split
+    if len(classes) > 1 and None not in tops:
+        y = torch.tensor([classes.index(top) for top in tops])
+    train_idx, val_idx = spriteflow.split_train_val(names, 0.05, y)  # the trainer's own split
     train = data[train_idx]
     report = memorisation_report(samples, train, data[val_idx])
     distances, indices = report.pop("distances"), report.pop("indices")
