@@ -68,8 +68,8 @@ class UserError(Exception):
 # slime); a flat folder has no classes.
 #
 # Pixel art is drawn on a coarse grid: the built-in sprites are 32x32 art shown
-# at 4x, so every 4x4 block is one colour. detect_grid finds that block size k
-# in the data; snap_to_grid puts samples on it (each block gets the mean colour
+# at 4x, so every 4x4 block is one colour. detect_grid (Part II) finds that
+# block size k in the data; snap_to_grid puts samples on it (each block gets the mean colour
 # of its opaque pixels, the least-squares choice for a small symmetric jitter).
 # -----------------------------------------------------------------------------
 
@@ -110,57 +110,6 @@ def load_folder(folder, size=128, labels=True):
     if not labels or len(classes) < 2 or None in tops:
         return x, names, [], None
     return x, names, classes, torch.tensor([classes.index(c) for c in tops])
-
-
-def split_train_val(names, val_fraction, y=None):
-    """(train indices, validation indices). A file is held out when the hash of its name,
-    read as a number in [0, 1), is below val_fraction: unlike a seeded shuffle, every sprite
-    keeps its side when files are added later. With classes y, the split is made within
-    each class, and a class never gives up its last training sprite."""
-    u = [zlib.crc32(name.encode()) / 2**32 for name in names]
-    groups = [list(range(len(names)))] if y is None else [
-        [i for i in range(len(names)) if y[i] == k] for k in sorted(set(y.tolist()))]
-    val = []
-    for group in groups:
-        held = [i for i in group if u[i] < val_fraction]
-        if len(held) == len(group):
-            held.remove(max(held, key=u.__getitem__))  # keep one sprite to train on
-        val += held
-    if not val and len(names) > 1 and val_fraction > 0:  # tiny folders still hold out one,
-        spare = [i for i in range(len(names)) if y is None or (y == y[i]).sum() > 1]
-        val = [min(spare, key=u.__getitem__)] if spare else []  # never a class's only sprite
-    train = sorted(set(range(len(names))) - set(val))
-    train = torch.tensor(train or val, dtype=torch.long)
-    return train, torch.tensor(sorted(val), dtype=torch.long) if val else train
-
-
-def own_grid(x_uint8):
-    """(N,) the largest k in 8, 4, 2 for which each image (N, 4, H, W) is made of k x k
-    blocks of one colour; 1 for an image with none."""
-    grid = torch.ones(len(x_uint8), dtype=torch.long)
-    for k in (2, 4, 8):
-        corner = x_uint8[:, :, ::k, ::k].repeat_interleave(k, 2).repeat_interleave(k, 3)
-        grid[(x_uint8 == corner).flatten(1).all(1)] = k
-    return grid
-
-
-def detect_grid(x_uint8, names=None, share=0.9):
-    """The data's pixel grid: the largest k that at least `share` of the images are drawn
-    on. A few stray images (a photo, a hand-resized sprite) do not turn the grid off; the
-    images off the chosen grid are named in a warning, since samples are snapped to it."""
-    grids = own_grid(x_uint8)
-    k = max(g for g in (8, 4, 2, 1) if (grids % g == 0).float().mean() >= share)
-    off = [i for i in range(len(grids)) if grids[i] % k]
-    if off:
-        shown = ", ".join(names[i] if names else str(i) for i in off[:3])
-        warnings.warn(f"{len(off)} of {len(grids)} images are not drawn on the {k}-pixel grid of "
-                      f"the rest, such as {shown}; samples are snapped to {k}")
-    majority = max(g for g in (8, 4, 2, 1) if (grids % g == 0).float().mean() > 0.5)
-    if majority > k:
-        finer = [names[i] if names else str(i) for i in range(len(grids)) if grids[i] % majority]
-        warnings.warn(f"most images are drawn on a {majority}-pixel grid, but {len(finer)} are not "
-                      f"(such as {', '.join(finer[:3])}), so the grid falls back to {k}")
-    return k
 
 
 def snap_to_grid(x, k):
@@ -762,24 +711,6 @@ def generate(model, noise, labels=None, guidance=1.0, guide=None, solver=None, g
     return torch.cat(out)
 
 
-def class_plan(n, classes, counts, wanted=None):
-    """Labels (n,) for n samples, sorted by class: spread over `wanted` class names
-    evenly, or over all classes in proportion to their training counts."""
-    if wanted:
-        unknown = [w for w in wanted if w not in classes]
-        if unknown:
-            known = ", ".join(classes)
-            raise UserError(f"unknown class '{unknown[0]}'; this checkpoint knows {known}")
-        counts = [1 if c in wanted else 0 for c in classes]
-    share = [n * k / sum(counts) for k in counts]
-    alloc = [int(s) for s in share]
-    by_remainder = sorted(range(len(share)), key=lambda i: alloc[i] - share[i])
-    for i in by_remainder[: n - sum(alloc)]:
-        alloc[i] += 1  # largest remainders first
-    labels = [k for k, count in enumerate(alloc) for _ in range(count)]
-    return torch.tensor(labels, dtype=torch.long)
-
-
 # -----------------------------------------------------------------------------
 # 6. Weight averaging and the learning rate
 #
@@ -865,61 +796,14 @@ def run_progress(step, seconds, cfg):
 #
 # Autoguidance's guide (section 5) is a frozen copy of the EMA taken when
 # guide_fraction of the budget is spent: the same network, trained 8x less.
+# `cfg` is a TrainConfig (Part II): every knob of the recipe, each a --flag of
+# `train` with its default and help text.
 # Everything else a real run needs (the run folder and its lock, checkpoints
 # that survive a crash, signals, bf16, several processes, the log) is Part II.
 # -----------------------------------------------------------------------------
 
 DEFAULT_MINUTES, MAX_BAD_STEPS = 30.0, 5
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-def option(default, help, choices=None):
-    """A config field that also carries its --help text (and allowed values) for argparse."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    # Where and how long.
-    data: str = option("", "folder of sprites; subfolders are classes (default: data/images)")
-    run_dir: str = option("", "output folder (default: a new folder under runs/)")
-    resume: bool = option(False, "continue the run in --run-dir from its newest checkpoint")
-    allow_new_data: bool = option(False, "let --resume go on with other data or a changed file set")
-    max_minutes: float = option(0.0, "time budget in minutes, counted across resumes "
-                                     f"(with neither budget: {DEFAULT_MINUTES:g})")
-    max_steps: int = option(0, "budget in optimizer steps, counted across resumes; 0 = none")
-    # The recipe.
-    batch_size: int = option(32, "sprites per step (per process under torchrun)")
-    lr: float = option(1e-3, "AdamW learning rate after the warm-up")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup: int = option(200, "steps of linear LR warm-up")
-    grad_clip: float = option(1.0, "clip the gradient norm to this")
-    schedule: str = option("linear", "noise schedule (alpha_t, beta_t)", SCHEDULES)
-    target: str = option("data", "what the network predicts: the clean sprite or the velocity",
-                         TARGETS)
-    t_shift: float = option(4.0, "shift s of the training times, t -> t / (t + s (1 - t))")
-    weight_cap: float = option(3.0, "cap on the x-prediction loss weight 1/(1-t)^2; 0 = no cap")
-    channels: str = option("32,64,128", "U-Net widths per level, comma-separated")
-    blocks: int = option(2, "residual blocks per level")
-    unshuffle: int = option(0, "pixel-unshuffle factor; 0 = 4 on CPU, 2 on GPU", (0, 1, 2, 4))
-    flip: bool = option(True, "random horizontal flips")
-    labels: bool = option(True, "classes from subfolders; --no-labels trains one model for all")
-    label_dropout: float = option(0.1, "share of steps without the class (for guidance)")
-    guide: str = option("auto", "keep an early EMA snapshot for sample --guidance with no "
-                                "classes (auto: when there are no classes)", ("auto", "on", "off"))
-    guide_fraction: float = option(0.125, "share of the budget after which the guide is taken")
-    grid: str = option("auto", "pixel-art block size that samples snap to",
-                       ("auto", "1", "2", "4", "8"))
-    # Bookkeeping.
-    val_fraction: float = option(0.05, "share of sprites held out for validation")
-    log_every: int = option(25, "steps between CSV rows")
-    val_every: int = option(250, "steps between validation + checkpoint")
-    sample_every: int = option(500, "steps between sample grids")
-    sample_steps: int = option(20, "Heun steps for the sample grids")
-    seed: int = option(0, "random seed (runs are reproducible)")
-    device: str = option("auto", "auto picks cuda, then mps, then cpu", DEVICES)
-    bf16: bool = option(None, "bf16 autocast (default: on CUDA, and on a CPU where it is faster)")
-    compile: bool = option(False, "torch.compile the model")
 
 
 def sample_t(n, shift, generator, device):
@@ -1267,6 +1151,59 @@ def check_loaded(folder, arrays, names):
 FEW_SPRITES = 8  # a class with fewer training sprites than this gets a warning
 
 
+def split_train_val(names, val_fraction, y=None):
+    """(train indices, validation indices). A file is held out when the hash of its name,
+    read as a number in [0, 1), is below val_fraction: unlike a seeded shuffle, every sprite
+    keeps its side when files are added later. With classes y, the split is made within
+    each class, and a class never gives up its last training sprite."""
+    u = [zlib.crc32(name.encode()) / 2**32 for name in names]
+    groups = [list(range(len(names)))] if y is None else [
+        [i for i in range(len(names)) if y[i] == k] for k in sorted(set(y.tolist()))]
+    val = []
+    for group in groups:
+        held = [i for i in group if u[i] < val_fraction]
+        if len(held) == len(group):
+            held.remove(max(held, key=u.__getitem__))  # keep one sprite to train on
+        val += held
+    if not val and len(names) > 1 and val_fraction > 0:  # tiny folders still hold out one,
+        spare = [i for i in range(len(names)) if y is None or (y == y[i]).sum() > 1]
+        val = [min(spare, key=u.__getitem__)] if spare else []  # never a class's only sprite
+    train = sorted(set(range(len(names))) - set(val))
+    train = torch.tensor(train or val, dtype=torch.long)
+    return train, torch.tensor(sorted(val), dtype=torch.long) if val else train
+
+
+def own_grid(x_uint8):
+    """(N,) the largest k in 8, 4, 2 for which each image (N, 4, H, W) is made of k x k
+    blocks of one colour; 1 for an image with none."""
+    grid = torch.ones(len(x_uint8), dtype=torch.long)
+    for k in (2, 4, 8):
+        corner = x_uint8[:, :, ::k, ::k].repeat_interleave(k, 2).repeat_interleave(k, 3)
+        grid[(x_uint8 == corner).flatten(1).all(1)] = k
+    return grid
+
+
+def detect_grid(x_uint8, names=None, share=0.9):
+    """The data's pixel grid: the largest k that at least `share` of the images are drawn
+    on. A few stray images (a photo, a hand-resized sprite) do not turn the grid off; the
+    images off the chosen grid are named in a warning, since samples are snapped to it."""
+    grids = own_grid(x_uint8)
+    k = max(g for g in (8, 4, 2, 1) if (grids % g == 0).float().mean() >= share)
+    off = [i for i in range(len(grids)) if grids[i] % k]
+    if off:
+        shown = ", ".join(names[i] if names else str(i) for i in off[:3])
+        warnings.warn(f"{len(off)} of {len(grids)} images are not drawn on the {k}-pixel grid of "
+                      f"the rest, such as {shown}; samples are snapped to {k}")
+    majority = max(g for g in (8, 4, 2, 1) if (grids % g == 0).float().mean() > 0.5)
+    if majority > k:
+        finer = [names[i] if names else str(i) for i in range(len(grids)) if grids[i] % majority]
+        warnings.warn(f"most images are drawn on a {majority}-pixel grid, but {len(finer)} are not "
+                      f"(such as {', '.join(finer[:3])}), so the grid falls back to {k}")
+    return k
+
+
+
+
 @dataclasses.dataclass
 class TrainingData:
     """The sprites a run trains on, and what a checkpoint must remember about them."""
@@ -1313,6 +1250,55 @@ def load_training_data(cfg, ckpt, rank, world, device):
 # -----------------------------------------------------------------------------
 # Config, devices and processes
 # -----------------------------------------------------------------------------
+
+def option(default, help, choices=None):
+    """A config field that also carries its --help text (and allowed values) for argparse."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # Where and how long.
+    data: str = option("", "folder of sprites; subfolders are classes (default: data/images)")
+    run_dir: str = option("", "output folder (default: a new folder under runs/)")
+    resume: bool = option(False, "continue the run in --run-dir from its newest checkpoint")
+    allow_new_data: bool = option(False, "let --resume go on with other data or a changed file set")
+    max_minutes: float = option(0.0, "time budget in minutes, counted across resumes "
+                                     f"(with neither budget: {DEFAULT_MINUTES:g})")
+    max_steps: int = option(0, "budget in optimizer steps, counted across resumes; 0 = none")
+    # The recipe.
+    batch_size: int = option(32, "sprites per step (per process under torchrun)")
+    lr: float = option(1e-3, "AdamW learning rate after the warm-up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup: int = option(200, "steps of linear LR warm-up")
+    grad_clip: float = option(1.0, "clip the gradient norm to this")
+    schedule: str = option("linear", "noise schedule (alpha_t, beta_t)", SCHEDULES)
+    target: str = option("data", "what the network predicts: the clean sprite or the velocity",
+                         TARGETS)
+    t_shift: float = option(4.0, "shift s of the training times, t -> t / (t + s (1 - t))")
+    weight_cap: float = option(3.0, "cap on the x-prediction loss weight 1/(1-t)^2; 0 = no cap")
+    channels: str = option("32,64,128", "U-Net widths per level, comma-separated")
+    blocks: int = option(2, "residual blocks per level")
+    unshuffle: int = option(0, "pixel-unshuffle factor; 0 = 4 on CPU, 2 on GPU", (0, 1, 2, 4))
+    flip: bool = option(True, "random horizontal flips")
+    labels: bool = option(True, "classes from subfolders; --no-labels trains one model for all")
+    label_dropout: float = option(0.1, "share of steps without the class (for guidance)")
+    guide: str = option("auto", "keep an early EMA snapshot for sample --guidance with no "
+                                "classes (auto: when there are no classes)", ("auto", "on", "off"))
+    guide_fraction: float = option(0.125, "share of the budget after which the guide is taken")
+    grid: str = option("auto", "pixel-art block size that samples snap to",
+                       ("auto", "1", "2", "4", "8"))
+    # Bookkeeping.
+    val_fraction: float = option(0.05, "share of sprites held out for validation")
+    log_every: int = option(25, "steps between CSV rows")
+    val_every: int = option(250, "steps between validation + checkpoint")
+    sample_every: int = option(500, "steps between sample grids")
+    sample_steps: int = option(20, "Heun steps for the sample grids")
+    seed: int = option(0, "random seed (runs are reproducible)")
+    device: str = option("auto", "auto picks cuda, then mps, then cpu", DEVICES)
+    bf16: bool = option(None, "bf16 autocast (default: on CUDA, and on a CPU where it is faster)")
+    compile: bool = option(False, "torch.compile the model")
+
 
 POSITIVE = {"batch_size", "lr", "grad_clip", "t_shift", "blocks", "log_every", "val_every",
             "sample_every", "sample_steps", "warmup", "guide_fraction"}
@@ -1659,19 +1645,26 @@ def assert_finite(path, *state_dicts):
                                 "an earlier checkpoint or a lower --lr")
 
 
-def save_checkpoint(path, ckpt):
-    """Write to a temporary file, then rename: the old file survives any crash. A failed
-    write (a full disk: torch.save raises RuntimeError there) leaves no partial file."""
-    assert_finite(path, ckpt["model"], ckpt["ema"])
-    tmp = Path(f"{path}.tmp")
+def write_atomically(path, write, what="file"):
+    """Call write(tmp) on a temporary name beside `path`, then rename it over `path`: a crash
+    leaves the old file whole, and a failed write (a full disk; torch.save raises
+    RuntimeError there) removes the temporary file and ends in one sentence."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(ckpt, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
         why = getattr(e, "strerror", None) or "the disk may be full"
-        raise UserError(f"cannot write checkpoint '{path}' ({why}); the previous checkpoint, if "
-                        "any, is unchanged")
+        kept = "; the previous checkpoint, if any, is unchanged" if what == "checkpoint" else ""
+        raise UserError(f"cannot write {what} '{path}' ({why}){kept}")
+
+
+def save_checkpoint(path, ckpt):
+    """A finite checkpoint to `path`, written atomically."""
+    assert_finite(path, ckpt["model"], ckpt["ema"])
+    write_atomically(path, lambda tmp: torch.save(ckpt, tmp), "checkpoint")
 
 
 def read_checkpoint(path):
@@ -1925,26 +1918,15 @@ def draw_log_chart(series, title, size=(900, 560)):
 
 
 def save_png(image, path):
-    """A PIL image to `path` through a temporary file; a failure is one sentence."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{path}': {e.strerror or e}")
+    """A PIL image to `path`, written atomically."""
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def save_text(text, path):
-    """Like save_png, for a text file."""
-    tmp = Path(f"{path}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{path}': {e.strerror or e}")
+def save_gif(frames, path, ms_per_frame):
+    """PIL images as an endlessly looping GIF at `path`, written atomically."""
+    save = lambda tmp: frames[0].save(tmp, format="GIF", save_all=True,  # noqa: E731
+                                      append_images=frames[1:], duration=ms_per_frame, loop=0)
+    write_atomically(path, save)
 
 
 def sprite_sheet(images, cols=None, scale=1, checker=8):
@@ -2012,8 +1994,8 @@ def write_sprites(out, sprites, names=None, native=0):
     rows = padded.reshape(n_rows, cols, h, w, 4).transpose(1, 2)  # (rows, H, cols, W, 4)
     save_png(Image.fromarray(rows.reshape(n_rows * h, cols * w, 4).numpy(), "RGBA"),
              out / "sheet.png")
-    save_text(json.dumps(texture_packer_json(cells, cols, h, w, names), indent=1),
-              out / "sheet.json")
+    sheet_json = json.dumps(texture_packer_json(cells, cols, h, w, names), indent=1)
+    write_atomically(out / "sheet.json", lambda tmp: tmp.write_text(sheet_json))
 
 
 @torch.no_grad()
@@ -2032,14 +2014,7 @@ def write_trajectory(model, noise, labels, guidance, guide, solver, bf16, out):
         state = to_uint8(frames[i], binary_alpha=(i == solver.steps))
         rows.append(torch.cat([state, to_uint8(z_hat, binary_alpha=False)]))
     sheets = [sprite_sheet(row, 2 * len(x)) for row in rows]
-    gif, tmp = out / "trajectory.gif", out / "trajectory.gif.tmp"
-    try:
-        sheets[0].save(tmp, format="GIF", save_all=True,
-                       append_images=sheets[1:] + [sheets[-1]] * 3, duration=300, loop=0)
-        os.replace(tmp, gif)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{gif}': {e.strerror or e}")
+    save_gif(sheets + [sheets[-1]] * 3, out / "trajectory.gif", 300)  # a pause at the end
     save_png(sprite_sheet(torch.cat(rows), 2 * len(x)), out / "trajectory.png")
 
 
@@ -2064,6 +2039,24 @@ def fresh_folder(path):
 
 CFG_GUIDANCE = 2.0  # classifier-free guidance's default w (lab record, "Guidance on real art")
 DEFAULT_SAMPLER, DEFAULT_STEPS = "heun", 20  # sample's defaults; fid.py samples the same way
+
+
+def class_plan(n, classes, counts, wanted=None):
+    """Labels (n,) for n samples, sorted by class: spread over `wanted` class names
+    evenly, or over all classes in proportion to their training counts."""
+    if wanted:
+        unknown = [w for w in wanted if w not in classes]
+        if unknown:
+            known = ", ".join(classes)
+            raise UserError(f"unknown class '{unknown[0]}'; this checkpoint knows {known}")
+        counts = [1 if c in wanted else 0 for c in classes]
+    share = [n * k / sum(counts) for k in counts]
+    alloc = [int(s) for s in share]
+    by_remainder = sorted(range(len(share)), key=lambda i: alloc[i] - share[i])
+    for i in by_remainder[: n - sum(alloc)]:
+        alloc[i] += 1  # largest remainders first
+    labels = [k for k, count in enumerate(alloc) for _ in range(count)]
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def default_guidance(conditional):
@@ -2150,13 +2143,7 @@ def cmd_invert(args, model, ckpt, device, out):
     back_uint8 = to_uint8(snap_to_grid(back, ckpt["grid"]))
     row = [to_uint8(z), to_uint8(x0 / 3, binary_alpha=False), back_uint8]
     save_png(sprite_sheet(torch.cat(row), 3), out / "roundtrip.png")
-    tmp = out / "noise.pt.tmp"  # like save_png: a full disk leaves no half-written file
-    try:
-        torch.save(x0.cpu(), tmp)
-        os.replace(tmp, out / "noise.pt")
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{out / 'noise.pt'}': {e}")
+    write_atomically(out / "noise.pt", lambda tmp: torch.save(x0.cpu(), tmp))
     error = (back - z).pow(2).mean().sqrt().item()
     return (f"round trip of {args.sprite} ({args.steps} Heun steps each way): RMS error "
             f"{error:.4f} in [-1, 1] units; noise norm {x0.norm().item():.0f} (a Gaussian's: "
@@ -2178,14 +2165,7 @@ def cmd_interpolate(args, model, ckpt, device, out):
     sprites = generate(model, noise, solver=Solver("heun", args.steps), grid=ckpt["grid"])
     save_png(sprite_sheet(sprites, len(sprites)), out / "strip.png")
     frames = [sprite_sheet(sp[None], 1, scale=2) for sp in sprites]
-    tmp = out / "morph.gif.tmp"
-    try:
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:] + frames[::-1],
-                       duration=120, loop=0)
-        os.replace(tmp, out / "morph.gif")
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{out / 'morph.gif'}': {e.strerror or e}")
+    save_gif(frames + frames[::-1], out / "morph.gif", 120)  # there and back
     return f"wrote strip.png and morph.gif ({len(sprites)} sprites from {args.a} to {args.b})"
 
 
