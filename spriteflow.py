@@ -14,6 +14,7 @@ measurements behind every default are in the lab record, data/figures/README.md.
 """
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -955,7 +956,9 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
         state.seconds, last = state.seconds + now - last, now
         progress = run_progress(state.step, state.seconds, cfg)
         if any_rank(progress >= 1 or stop.asked or state.step == stop_after, device):  # Part II
-            return "done" if progress >= 1 else "interrupted" if stop.asked else "stopped"
+            if progress >= 1:
+                return "done"
+            return "interrupted" if stop.asked else "stopped"
         state.model.train()
         z, c = draw_batch(data, cfg, state.gen)
         lr = lr_at(state.step, cfg.lr, cfg.warmup)
@@ -1511,26 +1514,21 @@ class StopSignals:
             raise Interrupted(folder, self.signum)
 
 
-class open_run_folder:  # noqa: N801 (used like a function: `with open_run_folder(cfg, rank)`)
+@contextlib.contextmanager
+def open_run_folder(cfg, rank):
     """The run folder (a new dated one by default), locked for this process; on the way
     out the lock is released, and a folder this run created but never wrote is removed."""
-
-    def __init__(self, cfg, rank):
-        self.cfg, self.rank, self.fd, self.created = cfg, rank, None, False
-
-    def __enter__(self):
-        if self.rank != 0:
-            return Path(self.cfg.run_dir)  # under torchrun the first process holds the lock
-        self.path, self.fd, self.created = claim_run_dir(self.cfg)
-        return self.path
-
-    def __exit__(self, *exc):
-        if self.fd is None:
-            return
-        os.close(self.fd)  # releases the flock
-        if self.created and [p.name for p in self.path.iterdir()] in ([], ["lock"]):
-            (self.path / "lock").unlink(missing_ok=True)
-            self.path.rmdir()  # nothing was written: leave no empty run behind
+    if rank != 0:
+        yield Path(cfg.run_dir)  # under torchrun the first process holds the lock
+        return
+    path, fd, created = claim_run_dir(cfg)
+    try:
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+        if created and [p.name for p in path.iterdir()] in ([], ["lock"]):
+            (path / "lock").unlink(missing_ok=True)
+            path.rmdir()  # nothing was written: leave no empty run behind
 
 
 def claim_run_dir(cfg):
