@@ -1307,6 +1307,13 @@ POSITIVE = {"batch_size", "lr", "grad_clip", "t_shift", "blocks", "log_every", "
             "sample_every", "sample_steps", "warmup", "guide_fraction"}
 
 
+def check_number(flag, value, positive):
+    """A finite number, and positive or at least non-negative; else one sentence."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and positive):
+        kind = "positive" if positive else "non-negative"
+        raise UserError(f"{flag} must be a {kind} finite number, got {value}")
+
+
 def check_config(cfg):
     """Reject bad values with one sentence each, before any work starts."""
     for f in dataclasses.fields(cfg):
@@ -1316,10 +1323,7 @@ def check_config(cfg):
             raise UserError(f"{flag} must be one of {allowed}, got {value!r}")
         if f.type not in (int, float):
             continue
-        positive = f.name in POSITIVE
-        if not math.isfinite(value) or value < 0 or (value == 0 and positive):
-            kind = "positive" if positive else "non-negative"
-            raise UserError(f"{flag} must be a {kind} finite number, got {value}")
+        check_number(flag, value, positive=f.name in POSITIVE)
     if max(cfg.val_fraction, cfg.label_dropout) >= 1 or cfg.guide_fraction > 1:
         raise UserError("--val-fraction and --label-dropout must be below 1, "
                         "--guide-fraction at most 1")
@@ -2361,11 +2365,8 @@ def check_sampling_args(args):
         value = getattr(args, name, None)
         if value is None:
             continue
-        zero_ok = name in ("sigma", "guidance")
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-            kind = "non-negative" if zero_ok else "positive"
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} must be a {kind} finite number, got {value}")
+        positive = name not in ("sigma", "guidance")
+        check_number("--" + name.replace("_", "-"), value, positive)
     if getattr(args, "frames", 2) < 2:
         raise UserError(f"--frames must be at least 2 (the two ends), got {args.frames}")
     if getattr(args, "edit", "") and not args.mask:
