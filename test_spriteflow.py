@@ -709,7 +709,7 @@ def test_cli_trains_then_samples_and_plots_the_log(tmp_path):
     assert (run / "samples" / "step_0000004.png").exists() and "step 4 " in r.stderr
     r = run_cli("sample", "--n", "3", "--steps", "2", "--out", "out", "--trajectory", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("wrote 3 sprites, grid.png, sheet.png, sheet.json, trajectory.gif, trajectory.png (heun, 2 steps")
+    assert r.stdout.startswith("wrote 3 sprites, grid.png, sheet.png, sheet.json, trajectory.gif, trajectory.png (multistep, 2 steps")
     sprites = sorted((tmp_path / "out").glob("sprite_*.png"))
     assert len(sprites) == 3
     with Image.open(sprites[0]) as im:
