@@ -1507,8 +1507,6 @@ class StopSignals:
     """Within `with`, SIGINT, SIGTERM and SIGHUP set .asked (and .signum) instead of killing
     the process; a second Ctrl-C raises KeyboardInterrupt at once."""
 
-    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
-
     def __init__(self):
         self.asked, self.signum, self.previous = False, None, {}
 
@@ -1518,8 +1516,8 @@ class StopSignals:
         self.asked, self.signum = True, signum
 
     def __enter__(self):
-        for name in self.NAMES:
-            if hasattr(signal, name):
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):  # Windows has no SIGHUP
                 self.previous[name] = signal.signal(getattr(signal, name), self.handle)
         return self
 
@@ -1689,9 +1687,11 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        TrainConfig(**ckpt["config"])
-        ckpt["model"], ckpt["ema"], ckpt["step"], ckpt["unshuffle"], ckpt["grid"]
-    except Exception:
+        TrainConfig(**ckpt["config"])  # an older version's options fail here
+        complete = {"model", "ema", "step", "unshuffle", "grid"} <= ckpt.keys()
+    except Exception:  # torch.load raises many types for a damaged file
+        complete = False
+    if not complete:
         raise UserError(f"checkpoint '{path}' is corrupt or not a SpriteFlow checkpoint of this "
                         "version")
     return ckpt
@@ -2319,12 +2319,10 @@ def add_train_flags(p):
         text = f.metadata["help"]
         if "default" not in text and f.default not in ("", None):
             text += f" (default: {f.default})"
+        how = {"type": kind, "choices": f.metadata["choices"]}
         if kind is bool:
-            action = argparse.BooleanOptionalAction
-            p.add_argument(flag, action=action, default=f.default, help=text)
-        else:
-            p.add_argument(flag, type=kind, choices=f.metadata["choices"], default=f.default,
-                           help=text)
+            how = {"action": argparse.BooleanOptionalAction}  # --flip and --no-flip
+        p.add_argument(flag, default=f.default, help=text, **how)
 
 
 def add_sampling_flags(p, name):
