@@ -1080,6 +1080,11 @@ def inpaint(clean, sched, y, m, x, solver):
 
 # -----------------------------------------------------------------------------
 # Images: the formats and mistakes of real folders
+#
+# People point --data at folders exported from every tool there is: 16-bit and
+# float greys, palettes with a transparent index, animated GIFs, JPEGs, hidden
+# files, a broken download. Each file is read as RGBA or named in a warning;
+# nothing is dropped silently, and a folder with nothing usable is an error.
 # -----------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = {".png", ".gif", ".webp", ".bmp"}
@@ -1150,6 +1155,12 @@ def check_loaded(folder, arrays, names):
 
 # -----------------------------------------------------------------------------
 # Training data: the split, the grid, classes too thin to learn, processes
+#
+# The validation split must not move when files are added (a resumed run would
+# validate on sprites it trained on), so it hashes names instead of shuffling.
+# The pixel grid must survive a few stray images, or one photo turns snapping
+# off for the whole run. A checkpoint remembers its data folder, classes and a
+# fingerprint of the file list, so --resume cannot quietly train on other data.
 # -----------------------------------------------------------------------------
 
 FEW_SPRITES = 8  # a class with fewer training sprites than this gets a warning
@@ -1192,20 +1203,19 @@ def detect_grid(x_uint8, names=None, share=0.9):
     on. A few stray images (a photo, a hand-resized sprite) do not turn the grid off; the
     images off the chosen grid are named in a warning, since samples are snapped to it."""
     grids = own_grid(x_uint8)
-    k = max(g for g in (8, 4, 2, 1) if (grids % g == 0).float().mean() >= share)
-    off = [i for i in range(len(grids)) if grids[i] % k]
+    names = names or [str(i) for i in range(len(grids))]
+    on = {g: (grids % g == 0).float().mean() for g in (8, 4, 2, 1)}  # the share drawn on g
+    k = max(g for g in on if on[g] >= share)
+    off = [names[i] for i in range(len(grids)) if grids[i] % k]
     if off:
-        shown = ", ".join(names[i] if names else str(i) for i in off[:3])
         warnings.warn(f"{len(off)} of {len(grids)} images are not drawn on the {k}-pixel grid of "
-                      f"the rest, such as {shown}; samples are snapped to {k}")
-    majority = max(g for g in (8, 4, 2, 1) if (grids % g == 0).float().mean() > 0.5)
+                      f"the rest, such as {', '.join(off[:3])}; samples are snapped to {k}")
+    majority = max(g for g in on if on[g] > 0.5)
     if majority > k:
-        finer = [names[i] if names else str(i) for i in range(len(grids)) if grids[i] % majority]
+        finer = [names[i] for i in range(len(grids)) if grids[i] % majority]
         warnings.warn(f"most images are drawn on a {majority}-pixel grid, but {len(finer)} are not "
                       f"(such as {', '.join(finer[:3])}), so the grid falls back to {k}")
     return k
-
-
 
 
 @dataclasses.dataclass
@@ -1253,6 +1263,12 @@ def load_training_data(cfg, ckpt, rank, world, device):
 
 # -----------------------------------------------------------------------------
 # Config, devices and processes
+#
+# TrainConfig is the single list of training options: argparse builds train's
+# flags from it and a checkpoint stores it, so the help text, the defaults and
+# a resumed run cannot disagree. Bad values are refused before any work starts,
+# an explicitly asked device must exist, and under torchrun every process must
+# leave the loop at the same step and end with the same weights.
 # -----------------------------------------------------------------------------
 
 def option(default, help, choices=None):
@@ -1322,9 +1338,8 @@ def check_config(cfg):
         if f.metadata["choices"] and value not in f.metadata["choices"]:
             allowed = ", ".join(map(str, f.metadata["choices"]))
             raise UserError(f"{flag} must be one of {allowed}, got {value!r}")
-        if f.type not in (int, float):
-            continue
-        check_number(flag, value, positive=f.name in POSITIVE)
+        if f.type in (int, float):
+            check_number(flag, value, positive=f.name in POSITIVE)
     if max(cfg.val_fraction, cfg.label_dropout) >= 1 or cfg.guide_fraction > 1:
         raise UserError("--val-fraction and --label-dropout must be below 1, "
                         "--guide-fraction at most 1")
@@ -1424,7 +1439,7 @@ def cpu_has_bf16():
         return False
 
 
-def probe_ms(model, device, bf16, backward, batch=8):
+def probe_ms(model, device, bf16, backward, batch):
     """Milliseconds of one pass on a batch (forward, and backward when asked), the best of
     two after a warm-up."""
     x = torch.randn(batch, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device)
@@ -1493,8 +1508,6 @@ class StopSignals:
     """Within `with`, SIGINT, SIGTERM and SIGHUP set .asked (and .signum) instead of killing
     the process; a second Ctrl-C raises KeyboardInterrupt at once."""
 
-    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
-
     def __init__(self):
         self.asked, self.signum, self.previous = False, None, {}
 
@@ -1504,8 +1517,8 @@ class StopSignals:
         self.asked, self.signum = True, signum
 
     def __enter__(self):
-        for name in self.NAMES:
-            if hasattr(signal, name):
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):  # Windows has no SIGHUP
                 self.previous[name] = signal.signal(getattr(signal, name), self.handle)
         return self
 
@@ -1570,41 +1583,37 @@ def resume_point(folder, cfg):
     """(checkpoint or None, the config to train with): on --resume, the newest complete
     checkpoint of the folder and its recipe with this command's budget; else the config
     with its run folder and budget filled in."""
-    cfg = dataclasses.replace(cfg, run_dir=str(folder))
-    if not cfg.resume:
-        if (folder / "last.pt").exists() or (folder / "best.pt").exists():
-            raise UserError(f"'{folder}' already holds a checkpoint; add --resume to continue it "
-                            "or pick another --run-dir")
-        return None, with_budget(cfg)
-    found = [read_checkpoint(p) for p in (folder / "last.pt", folder / "best.pt") if p.exists()]
-    if not found:
+    cfg, ckpt = dataclasses.replace(cfg, run_dir=str(folder)), None
+    saved = [p for p in (folder / "last.pt", folder / "best.pt") if p.exists()]
+    if saved and not cfg.resume:
+        raise UserError(f"'{folder}' already holds a checkpoint; add --resume to continue it "
+                        "or pick another --run-dir")
+    if cfg.resume and not saved:
         raise UserError(f"'{folder}' holds no checkpoint to resume (last.pt or best.pt)")
-    ckpt = max(found, key=lambda c: c["step"])
-    if ckpt is not found[0] or not (folder / "last.pt").exists():
-        print(f"resuming from best.pt (step {ckpt['step']}), the newest complete checkpoint",
-              file=sys.stderr)
-    return ckpt, with_budget(resumed_config(cfg, ckpt))
-
-
-def with_budget(cfg):
-    """A run given neither budget trains for DEFAULT_MINUTES."""
-    if cfg.max_steps or cfg.max_minutes:
-        return cfg
-    return dataclasses.replace(cfg, max_minutes=DEFAULT_MINUTES)
+    if cfg.resume:
+        found = [read_checkpoint(p) for p in saved]
+        ckpt = max(found, key=lambda c: c["step"])  # a crash can leave best.pt newer, or alone
+        if ckpt is not found[0] or saved[0].name != "last.pt":
+            print(f"resuming from best.pt (step {ckpt['step']}), the newest complete "
+                  "checkpoint", file=sys.stderr)
+        cfg = resumed_config(cfg, ckpt)
+    if not (cfg.max_steps or cfg.max_minutes):  # neither budget: the default one
+        cfg = dataclasses.replace(cfg, max_minutes=DEFAULT_MINUTES)
+    return ckpt, cfg
 
 
 def resumed_config(cfg, ckpt):
-    """The recipe comes from the checkpoint; the budget, and other data when
+    """The recipe comes from the checkpoint; the budget (when given), and other data when
     --allow-new-data says so, from this command line."""
-    old, data = TrainConfig(**ckpt["config"]), cfg.data or ckpt.get("data", "")
     moved = cfg.data and "data" in ckpt and Path(cfg.data).resolve() != Path(ckpt["data"])
     if moved and not cfg.allow_new_data:
         raise UserError(f"this run trained on '{ckpt['data']}', not '{cfg.data}'; leave out "
                         "--data, or add --allow-new-data")
-    budget = {"max_steps": cfg.max_steps, "max_minutes": cfg.max_minutes}
-    if not (cfg.max_steps or cfg.max_minutes):
-        budget = {}
-    return dataclasses.replace(old, resume=True, run_dir=cfg.run_dir, data=data,
+    budget = {}
+    if cfg.max_steps or cfg.max_minutes:
+        budget = {"max_steps": cfg.max_steps, "max_minutes": cfg.max_minutes}
+    return dataclasses.replace(TrainConfig(**ckpt["config"]), resume=True, run_dir=cfg.run_dir,
+                               data=cfg.data or ckpt.get("data", ""),
                                allow_new_data=cfg.allow_new_data, bf16=cfg.bf16, **budget)
 
 
@@ -1679,9 +1688,11 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        TrainConfig(**ckpt["config"])
-        ckpt["model"], ckpt["ema"], ckpt["step"], ckpt["unshuffle"], ckpt["grid"]
-    except Exception:
+        TrainConfig(**ckpt["config"])  # an older version's options fail here
+        complete = {"model", "ema", "step", "unshuffle", "grid"} <= ckpt.keys()
+    except Exception:  # torch.load raises many types for a damaged file
+        complete = False
+    if not complete:
         raise UserError(f"checkpoint '{path}' is corrupt or not a SpriteFlow checkpoint of this "
                         "version")
     return ckpt
@@ -1718,6 +1729,14 @@ def diverged(cfg, state, lr, what):
 # -----------------------------------------------------------------------------
 # The training log: a CSV row every log_every steps, a progress line, and
 # training_log.png (the losses on a log scale) redrawn at every checkpoint
+#
+# A run that says nothing for 30 minutes gets killed, and a loss curve is the
+# first thing to look at when samples disappoint, so the run prints its data,
+# device and budget up front, then progress with an honest ETA. The CSV keeps
+# the loss per fifth of the time axis (where the flow is hard to learn) and the
+# speed of the training steps alone. On resume the CSV keeps its rows up to the
+# checkpoint, so a crash does not leave rows the run is about to redo. The plot
+# needs only Pillow: no matplotlib to install for one chart.
 # -----------------------------------------------------------------------------
 
 T_BUCKETS = 5  # the CSV splits the loss by fifths of the time axis: where is the flow hard?
@@ -1734,7 +1753,7 @@ class TrainingLog:
         path, rows = folder / "training_log.csv", []
         if cfg.resume and path.exists():
             with open(path, newline="") as f:
-                rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit()]
+                rows = [r for r in csv.reader(f) if r and r[0].isdigit()]  # not the header
             rows = [r for r in rows if int(r[0]) <= state.step]
         try:
             self.file = open(path, "w", newline="")
@@ -1847,7 +1866,7 @@ def progress_text(step, minutes, pace, cfg):
     return f"step {step} ({minutes:.1f} min; budget {budget_text(cfg)}, eta {eta:.0f} min)"
 
 
-def plot_training_log(folder, size=(900, 560)):
+def plot_training_log(folder):
     """training_log.csv -> training_log.png: every loss column against the step, on a log
     scale, drawn with Pillow alone. A plot that cannot be drawn is skipped, not fatal."""
     with open(folder / "training_log.csv", newline="") as f:
@@ -1861,15 +1880,15 @@ def plot_training_log(folder, size=(900, 560)):
     if not series:
         return
     try:
-        save_png(draw_log_chart(series, str(folder), size), folder / "training_log.png")
+        save_png(draw_log_chart(series, str(folder)), folder / "training_log.png")
     except UserError as e:  # save_png's sentence: the file and why
         warnings.warn(f"{e}; the plot is skipped")
 
 
-def draw_log_chart(series, title, size=(900, 560)):
+def draw_log_chart(series, title):
     """A line chart of {name: [(x, y), ...]} with a log-scale y axis; a lone point is a dot."""
-    (W, H), (left, right, top, bottom) = size, (70, 170, 30, 50)
-    img = Image.new("RGB", size, "white")
+    (W, H), (left, right, top, bottom) = (900, 560), (70, 170, 30, 50)
+    img = Image.new("RGB", (W, H), "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [math.log10(y) for pts in series.values() for _, y in pts]
@@ -1933,15 +1952,19 @@ def save_gif(frames, path, ms_per_frame):
 
 
 def sprite_sheet(images, cols=None, scale=1, checker=8):
-    """uint8 (N, H, W, 4) -> one RGB image on a grey checkerboard (shows transparency)."""
+    """uint8 (N, H, W, 4) -> one RGB image on a grey checkerboard of `checker`-pixel squares
+    (shows transparency), or with checker=0 the sprites themselves on a transparent RGBA sheet."""
     n, h, w, _ = images.shape
     cols = cols or math.ceil(math.sqrt(n))
-    yy, xx = np.mgrid[: math.ceil(n / cols) * h, : cols * w]
-    board = np.where(((yy // checker) + (xx // checker)) % 2 == 0, 208, 232).astype(np.uint8)
-    sheet = Image.fromarray(board).convert("RGB")
+    size = (cols * w, math.ceil(n / cols) * h)
+    sheet = Image.new("RGBA", size)  # all zero: transparent
+    if checker:
+        yy, xx = np.mgrid[: size[1], : size[0]]
+        board = np.where(((yy // checker) + (xx // checker)) % 2 == 0, 208, 232).astype(np.uint8)
+        sheet = Image.fromarray(board).convert("RGB")
     for i, img in enumerate(images.numpy() if torch.is_tensor(images) else images):
         tile = Image.fromarray(img, "RGBA")
-        sheet.paste(tile, ((i % cols) * w, (i // cols) * h), tile)
+        sheet.paste(tile, ((i % cols) * w, (i // cols) * h), tile if checker else None)
     if scale > 1:
         sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
     return sheet
@@ -1992,11 +2015,8 @@ def write_sprites(out, sprites, names=None, native=0):
     blank = torch.zeros_like(sprites[0])
     tiles = torch.stack([blank if i is None else sprites[i] for i in cells])  # (cells, H, W, 4)
     save_png(sprite_sheet(tiles, cols), out / "grid.png")
-    n_rows, h, w = math.ceil(len(cells) / cols), sprites.shape[1], sprites.shape[2]
-    padded = torch.cat([tiles, blank[None].expand(n_rows * cols - len(cells), -1, -1, -1)])
-    rows = padded.reshape(n_rows, cols, h, w, 4).transpose(1, 2)  # (rows, H, cols, W, 4)
-    save_png(Image.fromarray(rows.reshape(n_rows * h, cols * w, 4).numpy(), "RGBA"),
-             out / "sheet.png")
+    save_png(sprite_sheet(tiles, cols, checker=0), out / "sheet.png")
+    h, w = sprites.shape[1:3]
     sheet_json = json.dumps(texture_packer_json(cells, cols, h, w, names), indent=1)
     write_atomically(out / "sheet.json", lambda tmp: tmp.write_text(sheet_json))
 
@@ -2038,6 +2058,13 @@ def fresh_folder(path):
 
 # -----------------------------------------------------------------------------
 # The sampling commands: sample, invert, interpolate
+#
+# Each reads one checkpoint and writes one fresh folder, and ends with a line
+# that says what it did and how (solver, network calls, guidance, grid, bf16),
+# so a picture can always be traced back to its settings. Defaults follow the
+# checkpoint: guidance where it has classes, its own pixel grid; a flag that
+# cannot apply to it (--class without classes, --edit without --mask) is
+# refused in one sentence rather than ignored.
 # -----------------------------------------------------------------------------
 
 CFG_GUIDANCE = 2.0  # classifier-free guidance's default w (lab record, "Guidance on real art")
@@ -2187,22 +2214,18 @@ def cmd_interpolate(args, model, ckpt, device, out):
 
 def time_train_steps(cfg, device, steps, batch_size, bf16):
     """(images/s of full training steps after one untimed step, the model)."""
-    torch.manual_seed(0)
-    model = build_model(cfg, device).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    net = torch.compile(model) if cfg.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator(device).manual_seed(0)
+    state = new_state(cfg, 0, device)  # seeded: every bench times the same model
+    net = torch.compile(state.model) if cfg.compile else state.model
     z = to_float(torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8)).to(device)
     amp, gamma = autocast(device, bf16), ema_gamma(EMA_LENGTH)
     for i in range(steps + 1):
         if i == 1:  # the first step pays for allocation and kernel selection
             sync(device)
             start = time.time()
-        train_step(net, opt, z, None, cfg, gen, amp, 1e-4)
-        ema_update(ema, model, i + 1, gamma)
+        train_step(net, state.opt, z, None, cfg, state.gen, amp, 1e-4)
+        ema_update(state.ema, state.model, i + 1, gamma)
     sync(device)
-    return steps * batch_size / (time.time() - start), model
+    return steps * batch_size / (time.time() - start), state.model
 
 
 def time_sampling(model, device, n, solver, bf16):
@@ -2276,6 +2299,11 @@ def cmd_bench(args):
 
 # -----------------------------------------------------------------------------
 # The command line
+#
+# Every way a command can end maps to an exit status a script can test: 0 done,
+# 2 a mistake in the input (one line, "error: ...", argparse's own included),
+# 128 + the signal's number for a run stopped and saved by a signal. Warnings
+# are one line each, without Python's file and line noise.
 # -----------------------------------------------------------------------------
 
 
@@ -2293,12 +2321,10 @@ def add_train_flags(p):
         text = f.metadata["help"]
         if "default" not in text and f.default not in ("", None):
             text += f" (default: {f.default})"
+        how = {"type": kind, "choices": f.metadata["choices"]}
         if kind is bool:
-            action = argparse.BooleanOptionalAction
-            p.add_argument(flag, action=action, default=f.default, help=text)
-        else:
-            p.add_argument(flag, type=kind, choices=f.metadata["choices"], default=f.default,
-                           help=text)
+            how = {"action": argparse.BooleanOptionalAction}  # --flip and --no-flip
+        p.add_argument(flag, default=f.default, help=text, **how)
 
 
 def add_sampling_flags(p, name):
@@ -2416,8 +2442,9 @@ def main(argv=None):
         print(f"\nerror: {e}" if ends_progress else f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        saved = "nothing was written" if not (e.folder / "last.pt").exists() else \
-            f"saved {e.folder / 'last.pt'}; continue with --run-dir {e.folder} --resume"
+        saved = "nothing was written"
+        if (e.folder / "last.pt").exists():
+            saved = f"saved {e.folder / 'last.pt'}; continue with --run-dir {e.folder} --resume"
         print(f"\n{e}; {saved}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
@@ -2426,13 +2453,11 @@ def main(argv=None):
     return 0
 
 
-def newest_checkpoint(root="runs"):
-    """The most recently written .pt under root: usually the running or last run's last.pt."""
-    found = []
-    if Path(root).is_dir():
-        found = sorted(Path(root).rglob("*.pt"), key=lambda p: p.stat().st_mtime)
+def newest_checkpoint():
+    """The most recently written .pt under runs/: usually the running or last run's last.pt."""
+    found = sorted(Path("runs").rglob("*.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise UserError(f"no checkpoint found under '{Path(root).resolve()}'; train first (the "
+        raise UserError(f"no checkpoint found under '{Path('runs').resolve()}'; train first (the "
                         "first checkpoint comes at step 250) or pass --checkpoint")
     return found[-1]
 
