@@ -1316,7 +1316,7 @@ class TrainConfig:
     sample_steps: int = option(20, "solver steps for the sample grids (sample's default solver)")
     seed: int = option(0, "random seed (runs are reproducible)")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", DEVICES)
-    bf16: bool = option(None, "bf16 autocast (default: on CUDA, and on a CPU where it is faster)")
+    bf16: bool = option(None, "bf16 autocast (default: where a timed probe finds it faster)")
     compile: bool = option(False, "torch.compile the model")
 
 
@@ -2374,7 +2374,7 @@ def build_parser():
     p.add_argument("--trajectory", action="store_true",
                    help="also write trajectory.gif/.png: noise (t=0) to sprite (t=1)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on CUDA, and on a CPU where it is faster)")
+                   help="bf16 autocast (default: where a timed probe finds it faster)")
     p.add_argument("--edit", default="", help="a sprite to repaint in part (needs --mask; "
                                               "--class steers the repaint)")
     p.add_argument("--mask", default="", help="PNG whose opaque, non-black pixels mark what "
