@@ -10,8 +10,7 @@ clouds of points in 2048-d space, and we measure how far apart the clouds are.
     python fid.py data/images samples/                  # two folders of images
     python fid.py data/images runs/20261126-150000/last.pt   # sample 1000 sprites, score them
     python fid.py data/images --save-stats real.npz     # cache the real set's statistics
-    python fid.py real.npz samples/                     # FID against cached statistics
-    python fid.py data/images samples/ --background black --batch-size 20
+    python fid.py real.npz samples/ --background black  # FID against cached statistics
 
 A checkpoint (the trainer writes runs/<date-time>/last.pt and best.pt) is
 sampled with the sampler, step count and guidance weight that `spriteflow.py
@@ -21,9 +20,6 @@ Weight-free sprite measures (section 6; nothing to download, seconds on a CPU):
 
     python fid.py measure samples/ --data data/images   # pixel-art, saturation, random-feature FD
     python fid.py nearest samples/ --data data/images --sheet nn.png   # memorisation check
-
-Only a first argument of exactly "measure" or "nearest" is a subcommand: to
-score a folder of that name, pass it as ./measure (or ./nearest).
 
 FID, the Frechet Inception Distance (Heusel et al., 2017), fits a Gaussian to
 each cloud (mean mu, covariance sigma) and takes the Frechet (2-Wasserstein)
@@ -55,19 +51,16 @@ and with fewer images than 2048 we evaluate the FID formula through a small
 matrix (frechet_distance_low_rank), which gives the same value to about
 1e-6 in seconds instead of minutes.
 
-From Python (e.g. the trainer, on in-memory sprites):
+From Python, on in-memory sprites:
 
     import fid
     inception = fid.load_inception(device="cuda", allow_download=False)  # FIDError if no weights
     scores = fid.fid_kid(real_uint8, fake_uint8, inception)  # (N, 128, 128, 4) uint8 arrays
     scores["fid"], scores["kid_mean"], scores["kid_std"]
-
-The Inception weights (91 MiB) come from --weights PATH, else from the torch
-hub cache ($TORCH_HOME/hub/checkpoints, by default ~/.cache/torch/hub/checkpoints),
-else they are downloaded there once.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -86,7 +79,8 @@ from PIL import Image, ImageColor
 from scipy import linalg
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
+RELEASES = "https://github.com/mseitzer/pytorch-fid/releases/download"
+WEIGHTS_URL = f"{RELEASES}/fid_weights/{WEIGHTS_NAME}"
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
@@ -191,9 +185,8 @@ class FIDInceptionC(nn.Module):
     def forward(self, x):
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            bd = conv(bd)
+        bd = self.branch7x7dbl_2(self.branch7x7dbl_1(x))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(bd)))
         bp = self.branch_pool(avg_pool_3x3(x))
         return torch.cat([b1, b7, bd, bp], dim=1)
 
@@ -212,9 +205,8 @@ class InceptionD(nn.Module):
 
     def forward(self, x):
         b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = x
-        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = conv(b7)
+        b7 = self.branch7x7x3_2(self.branch7x7x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(b7))
         bp = F.max_pool2d(x, kernel_size=3, stride=2)
         return torch.cat([b3, b7, bp], dim=1)
 
@@ -230,8 +222,7 @@ class FIDInceptionE(nn.Module):
 
     def __init__(self, in_channels, pool):
         super().__init__()
-        assert pool in ("avg", "max")
-        self.pool = pool
+        self.pool = pool  # "avg" or "max"
         self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
         self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
         self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
@@ -248,10 +239,7 @@ class FIDInceptionE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], dim=1)
-        if self.pool == "avg":
-            pooled = avg_pool_3x3(x)
-        else:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        pooled = avg_pool_3x3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
         bp = self.branch_pool(pooled)
         return torch.cat([b1, b3, bd, bp], dim=1)
 
@@ -264,7 +252,8 @@ def resize_for_inception(x):
     by 299/128, which blurs its hard pixel edges a little; the network was
     trained on photos, so this is what it expects to see anyway. Resizing a
     299x299 image to 299x299 returns it unchanged."""
-    return F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+    size = (INCEPTION_SIZE, INCEPTION_SIZE)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class FIDInceptionV3(nn.Module):
@@ -273,8 +262,7 @@ class FIDInceptionV3(nn.Module):
     forward(x): x is a float tensor (N, 3, H, W) of RGB images in [0, 1], any
     H and W. Returns (N, 2048) float32 features. Call .eval() first (load_inception
     does): in eval mode BatchNorm uses its stored statistics, so an image's
-    features do not depend on the other images in its batch.
-    """
+    features do not depend on the other images in its batch."""
 
     def __init__(self):
         super().__init__()
@@ -305,12 +293,9 @@ class FIDInceptionV3(nn.Module):
     def forward(self, x):
         x = resize_for_inception(x.float())  # step 1: [0, 1] image at 299x299
         x = 2 * x - 1  # step 2: [0, 1] -> [-1, 1], the range the network was trained on
-        x = self.Conv2d_1a_3x3(x)
-        x = self.Conv2d_2a_3x3(x)
-        x = self.Conv2d_2b_3x3(x)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        x = self.Conv2d_3b_1x1(x)
-        x = self.Conv2d_4a_3x3(x)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
                       self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
@@ -321,7 +306,7 @@ class FIDInceptionV3(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 2. The weights: --weights PATH, else the torch hub cache, else download once
+# 2. The weights (91 MiB): --weights PATH, else the torch hub cache, else download once
 
 
 def cached_weights_path():
@@ -336,8 +321,8 @@ def _missing_weights_message(reason):
             f"and put it at {cached_weights_path()}, or pass --weights PATH.")
 
 
-def download_weights(dest, progress=True):
-    """Download the weights file to dest, with a progress bar on stderr.
+def download_weights(dest):
+    """Download the weights file to dest, with its progress on stderr.
 
     Checking the file: its name ends in 6726825d, which (the convention of
     torch hub) is the start of the SHA-256 hash of its bytes. We hash what we
@@ -351,26 +336,26 @@ def download_weights(dest, progress=True):
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
     sha = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(WEIGHTS_URL, timeout=30) as response:
-            total = int(response.headers.get("Content-Length") or 0)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(WEIGHTS_URL, timeout=30) as web:
+            total = int(web.headers.get("Content-Length") or 0)
             done = 0
             while True:
-                chunk = response.read(1 << 20)
+                chunk = web.read(1 << 20)
                 if not chunk:
                     break
                 out.write(chunk)
                 sha.update(chunk)
                 done += len(chunk)
-                if progress:  # "\r" returns to the start of the line, so the bar redraws in place
-                    size = f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB" if total else f"{done / 2**20:.1f} MiB"
-                    bar = f"[{'#' * int(30 * done / total):<30}] " if total else ""
-                    print(f"\rdownloading {WEIGHTS_NAME} {bar}{size}", end="", file=sys.stderr, flush=True)
-        if progress:
-            print(file=sys.stderr)
+                of_total = f" of {total / 2**20:.1f}" if total else ""
+                # "\r" returns to the start of the line, so the line redraws in place.
+                shown = f"\rdownloading {WEIGHTS_NAME}: {done / 2**20:.1f}{of_total} MiB"
+                print(shown, end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
         digest = sha.hexdigest()
         if not digest.startswith(expected):
-            raise FIDError(f"The downloaded weights have SHA-256 {digest[:8]}..., not {expected}..., "
-                           f"so they were not kept; try again or fetch {WEIGHTS_URL} by hand.")
+            raise FIDError(f"The downloaded weights have SHA-256 {digest[:8]}..., not "
+                           f"{expected}..., so they were not kept; try again or fetch "
+                           f"{WEIGHTS_URL} by hand.")
         os.replace(tmp, dest)
     except OSError as e:  # no network, HTTP error, disk full...
         raise FIDError(_missing_weights_message(f"the download failed: {e}")) from None
@@ -380,7 +365,7 @@ def download_weights(dest, progress=True):
     return dest
 
 
-def load_inception(weights=None, device="cpu", allow_download=True, progress=True):
+def load_inception(weights=None, device="cpu", allow_download=True):
     """The FID Inception network with its real weights, in eval mode on device.
 
     weights: a path to the .pth file; None looks in the torch hub cache and,
@@ -388,33 +373,31 @@ def load_inception(weights=None, device="cpu", allow_download=True, progress=Tru
     is not set), downloads it there once. Raises FIDError with a clear
     message when there are no weights. It never falls back to random weights:
     FID from an untrained network would be a meaningless number."""
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise FIDError(f"The weights file {path} does not exist.")
-    else:
-        path = cached_weights_path()
-        if not path.is_file():
-            if not allow_download or os.environ.get(NO_DOWNLOAD_ENV, "") not in ("", "0"):
-                raise FIDError(_missing_weights_message("downloading is switched off"))
-            path = download_weights(path, progress=progress)
+    path = cached_weights_path() if weights is None else Path(weights)
+    if weights is not None and not path.is_file():
+        raise FIDError(f"The weights file {path} does not exist.")
+    if not path.is_file():
+        if not allow_download or os.environ.get(NO_DOWNLOAD_ENV, "") not in ("", "0"):
+            raise FIDError(_missing_weights_message("downloading is switched off"))
+        download_weights(path)
     try:
         # weights_only=True: unpickle tensors only, never arbitrary objects.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FIDError(f"Could not read the weights file {path} ({type(e).__name__}: {e}).") from None
+        reason = f"{type(e).__name__}: {e}"
+        raise FIDError(f"Could not read the weights file {path} ({reason}).") from None
     model = FIDInceptionV3()
     if not isinstance(state, dict):
         raise FIDError(f"{path} is not the FID Inception weights file (it holds no state dict).")
-    # Say in one line what is wrong before load_state_dict would say it in hundreds.
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshapen = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != expected[k].shape]
-    if missing or unexpected or misshapen:
-        problems = [f"{len(keys)} {what} such as {keys[0]}" for keys, what in
-                    ((missing, "missing keys"), (unexpected, "unexpected keys"), (misshapen, "wrong shapes")) if keys]
-        raise FIDError(f"{path} is not the FID Inception weights file ({'; '.join(problems)}).")
+    # Say in one line what is wrong before load_state_dict would say it in hundreds. A key
+    # is wrong when its shapes differ: None on the side that lacks it, so missing and
+    # unexpected keys count too.
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    wrong = sorted(k for k in shapes.keys() | found.keys() if shapes.get(k) != found.get(k))
+    if wrong:
+        raise FIDError(f"{path} is not the FID Inception weights file ({len(wrong)} keys are "
+                       f"missing, unexpected or of the wrong shape, such as {wrong[0]}).")
     model.load_state_dict(state, strict=True)  # every key, every shape, or fail
     return model.to(device).eval()
 
@@ -425,36 +408,18 @@ def load_inception(weights=None, device="cpu", allow_download=True, progress=Tru
 
 def parse_background(spec):
     """'white', 'black', any colour name PIL knows, '#rrggbb' or 'R,G,B' -> (r, g, b) in 0..255."""
-    if isinstance(spec, (tuple, list)):
-        rgb = tuple(int(v) for v in spec)
-    else:
-        text = str(spec).strip()
-        try:
-            if "," in text and not text.lower().startswith("rgb"):
-                rgb = tuple(int(v) for v in text.split(","))
-            else:
-                rgb = tuple(ImageColor.getrgb(text)[:3])
-        except ValueError:
-            raise FIDError(f"Cannot read the background colour {spec!r}: use white, black or R,G,B.") from None
+    text = str(spec).strip()
+    try:
+        if "," in text and not text.lower().startswith("rgb"):
+            rgb = tuple(int(v) for v in text.split(","))
+        else:
+            rgb = tuple(ImageColor.getrgb(text)[:3])
+    except ValueError:
+        message = f"Cannot read the background colour {spec!r}: use white, black or R,G,B."
+        raise FIDError(message) from None
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise FIDError(f"The background colour {spec!r} needs three values between 0 and 255.")
     return rgb
-
-
-def composite_rgba(rgba, background=(255, 255, 255)):
-    """Flatten an (..., H, W, 4) uint8 RGBA array onto a solid background.
-
-    Standard "over" compositing, per pixel: out = a * rgb + (1 - a) * bg with
-    a = alpha / 255, computed in integers and rounded to the nearest uint8.
-    So a fully transparent pixel becomes exactly the background colour and an
-    opaque pixel keeps its colour: the result is the RGB image you would
-    see if the sprite were drawn on a page of that colour."""
-    rgba = np.asarray(rgba)
-    rgb = rgba[..., :3].astype(np.int32)
-    a = rgba[..., 3:4].astype(np.int32)
-    bg = np.asarray(background, dtype=np.int32)
-    out = (rgb * a + bg * (255 - a) + 127) // 255  # +127: round half up, not down
-    return out.astype(np.uint8)
 
 
 def to_rgb_uint8(image, background=(255, 255, 255)):
@@ -462,9 +427,13 @@ def to_rgb_uint8(image, background=(255, 255, 255)):
 
     Grayscale becomes three equal channels, palette images are looked up,
     and anything with transparency (RGBA, LA, or a palette image with a
-    transparent colour) is composited onto the background."""
+    transparent colour) is flattened onto the background by standard "over"
+    compositing: out = a * rgb + (1 - a) * bg per pixel, with a = alpha / 255,
+    in integers, rounded. A transparent pixel becomes exactly the background
+    colour, an opaque one keeps its own: the sprite as drawn on that colour."""
     if isinstance(image, Image.Image):
-        has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+        alpha_modes = ("RGBA", "LA", "PA", "RGBa", "La")
+        has_alpha = image.mode in alpha_modes or "transparency" in image.info
         image = np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8:
@@ -473,14 +442,15 @@ def to_rgb_uint8(image, background=(255, 255, 255)):
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
         raise FIDError(f"Cannot read an image array of shape {array.shape} as (H, W, channels).")
-    channels = array.shape[-1]
-    if channels == 2:  # gray + alpha -> RGBA
+    if array.shape[-1] < 3:  # gray (and alpha): the gray value three times (then the alpha)
         array = np.concatenate([array[..., :1]] * 3 + [array[..., 1:]], axis=-1)
-    elif channels == 1:
-        array = np.repeat(array, 3, axis=-1)
-    if array.shape[-1] == 4:
-        array = composite_rgba(array, background)
-    return np.ascontiguousarray(array)
+    if array.shape[-1] == 3:
+        return np.ascontiguousarray(array)
+    rgb = array[..., :3].astype(np.int32)
+    a = array[..., 3:4].astype(np.int32)
+    bg = np.asarray(background, dtype=np.int32)
+    out = (rgb * a + bg * (255 - a) + 127) // 255  # +127: round half up, not down
+    return out.astype(np.uint8)
 
 
 def to_inception_input(rgb_uint8):
@@ -492,13 +462,9 @@ def to_inception_input(rgb_uint8):
     be stacked into one batch. Bilinear resizing treats every image on its
     own, so this gives the very same numbers; the network's own resize is
     then a no-op on a 299x299 input."""
-    x = torch.tensor(rgb_uint8).permute(2, 0, 1).float().div(255)[None]  # a copy: PIL's arrays are read-only
+    # torch.tensor copies: PIL's arrays are read-only.
+    x = torch.tensor(rgb_uint8).permute(2, 0, 1).float().div(255)[None]
     return resize_for_inception(x)
-
-
-def list_images(folder):
-    """All image files under folder, recursively, sorted for a stable order."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def load_image_file(path, background=(255, 255, 255)):
@@ -507,10 +473,9 @@ def load_image_file(path, background=(255, 255, 255)):
         with Image.open(path) as image:
             image.load()
             return to_rgb_uint8(image, background)
-    except FIDError:
-        raise
-    except Exception as e:
-        raise FIDError(f"Could not read the image {path} ({type(e).__name__}: {e}).") from None
+    except Exception as e:  # PIL raises many types for broken files
+        reason = f"{type(e).__name__}: {e}"
+        raise FIDError(f"Could not read the image {path} ({reason}).") from None
 
 
 # -----------------------------------------------------------------------------
@@ -518,63 +483,47 @@ def load_image_file(path, background=(255, 255, 255)):
 
 
 @torch.no_grad()
-def features_from_rgb(rgb_images, model, batch_size=50, device=None, progress=None):
-    """Inception features of a sequence of (H, W, 3) uint8 RGB images -> (N, 2048) float64.
+def inception_features(items, to_rgb, model, batch_size=50, name=None):
+    """Inception features of a sequence of images -> (N, 2048) float64.
 
-    rgb_images may be any iterable (a lazy one keeps only a batch in memory).
-    progress, if given, is called with the number of images done so far."""
-    if device is None:
-        device = next(model.parameters()).device
+    to_rgb turns one item (a file, an array) into (H, W, 3) uint8 RGB. It is
+    called a batch at a time, so only one batch of images is ever decoded in
+    memory. With a name, a terminal shows a running count of the images done."""
+    device = next(model.parameters()).device
     model.eval()  # BatchNorm with stored statistics: features independent of the batch
-    out, batch, done = [], [], 0
-
-    def flush():
-        nonlocal done
-        x = torch.cat(batch).to(device)
-        out.append(model(x).double().cpu().numpy())  # float32 network, float64 statistics
-        done += len(batch)
-        batch.clear()
-        if progress:
-            progress(done)
-
-    for rgb in rgb_images:
-        batch.append(to_inception_input(rgb))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    show = name is not None and sys.stderr.isatty()
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        x = torch.cat([to_inception_input(to_rgb(item)) for item in chunk])
+        out.append(model(x.to(device)).double().cpu().numpy())  # float64 for the statistics
+        if show:
+            print(f"\r{name}: {start + len(chunk)} images", end="", file=sys.stderr, flush=True)
+    if show:
+        print(file=sys.stderr)
     if not out:
         return np.zeros((0, FEATURE_DIM))
     return np.concatenate(out)
 
 
-def _as_image_list(images):
-    """uint8 images as an (N, H, W, C) array/tensor or a list of (H, W[, C]) ones -> a list of arrays."""
+def features_from_uint8(images, model, batch_size=50, background="white"):
+    """In-memory uint8 images, channels last: an (N, H, W, 4) RGBA (or RGB, or gray) array
+    or tensor, or a list of (H, W[, C]) arrays of any sizes -> (N, 2048) float64."""
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
-    if isinstance(images, np.ndarray):
-        if images.ndim not in (3, 4):
-            raise FIDError(f"Expected images of shape (N, H, W, C), got {images.shape}.")
-        return list(images)
-    return [im.detach().cpu().numpy() if isinstance(im, torch.Tensor) else im for im in images]
-
-
-def features_from_uint8(images, model, batch_size=50, device=None, background=(255, 255, 255)):
-    """In-memory uint8 images (N, H, W, 4) RGBA (or RGB, or gray; channels last) -> (N, 2048) float64."""
     bg = parse_background(background)
-    return features_from_rgb((to_rgb_uint8(im, bg) for im in _as_image_list(images)), model, batch_size, device)
+    return inception_features(images, lambda im: to_rgb_uint8(im, bg), model, batch_size)
 
 
-def features_from_folder(folder, model, batch_size=50, device=None, background=(255, 255, 255), progress=None):
+def features_from_folder(folder, model, batch_size=50, background="white"):
     """Features of every image under folder (recursively) -> (N, 2048) float64."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FIDError(f"{folder} is not a folder.")
-    files = list_images(folder)
-    if not files:
-        raise FIDError(f"{folder} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    paths = sorted(Path(folder).rglob("*"))  # recursively, sorted for a stable order
+    files = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if not files:  # an empty folder, or no folder at all
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise FIDError(f"{folder} is not a folder of images (looked for {extensions}).")
     bg = parse_background(background)
-    return features_from_rgb((load_image_file(f, bg) for f in files), model, batch_size, device, progress)
+    return inception_features(files, lambda f: load_image_file(f, bg), model, batch_size, folder)
 
 
 def statistics(feats):
@@ -584,14 +533,10 @@ def statistics(feats):
     if n < 2:
         raise FIDError(f"FID needs at least 2 images, got {n}.")
     if n < d:
-        warnings.warn(f"Only {n} images for {d}-d features: the covariance is singular and FID is "
-                      f"biased upward at this size; KID is the better metric for small n.", stacklevel=2)
+        warnings.warn(f"Only {n} images for {d}-d features: the covariance is singular and "
+                      f"FID is biased upward at this size; KID is the better metric for small n.",
+                      stacklevel=2)
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
-
-
-def feature_stats_from_uint8(images, model, batch_size=50, device=None, background=(255, 255, 255)):
-    """In-memory uint8 images -> (mu, sigma) for FID. See features_from_uint8."""
-    return statistics(features_from_uint8(images, model, batch_size, device, background))
 
 
 # -----------------------------------------------------------------------------
@@ -606,13 +551,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     sqrtm is the matrix square root. sigma1 sigma2 is not symmetric, so its
     square root may come out with tiny imaginary parts from rounding; those
     are dropped. Follows pytorch-fid's calculate_frechet_distance."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"The means have different shapes: {mu1.shape} and {mu2.shape}.")
-    if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"Covariances of shapes {sigma1.shape} and {sigma2.shape} "
-                         f"do not fit means of size {mu1.size}.")
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64), np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64))
+    square = (mu1.size, mu1.size)
+    if mu1.shape != mu2.shape or sigma1.shape != square or sigma2.shape != square:
+        raise ValueError(f"Means of shapes {mu1.shape} and {mu2.shape} and covariances of "
+                         f"shapes {sigma1.shape} and {sigma2.shape} do not fit together.")
     diff = mu1 - mu2
 
     # SciPy >= 1.16 deprecates sqrtm(..., disp=False), which used to return an
@@ -622,7 +566,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     # them non-singular, and try again. Like pytorch-fid, the nudge is used
     # only inside the square root; the traces below use the original matrices.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # "matrix is singular": we check below
+        # "Matrix is singular": the result is checked below.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1 @ sigma2)
         if not np.isfinite(covmean).all():
             warnings.warn(f"FID: the matrix square root is not finite (singular covariances); "
@@ -635,7 +580,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             worst = np.max(np.abs(np.diagonal(covmean).imag))
-            raise ValueError(f"The matrix square root has an imaginary component of {worst:.3g} on its diagonal.")
+            raise ValueError(f"The matrix square root has an imaginary component of {worst:.3g} "
+                             f"on its diagonal.")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -649,16 +595,15 @@ def kid(feats1, feats2, num_subsets=100, subset_size=1000, seed=0):
     shrunk to the smaller set's size."""
     f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
-        raise ValueError(f"KID needs two (N, d) feature arrays of equal d, got {f1.shape} and {f2.shape}.")
+        raise ValueError(f"KID needs two (N, d) feature arrays of equal d, got {f1.shape} "
+                         f"and {f2.shape}.")
     d = f1.shape[1]
-    m = min(len(f1), len(f2))
-    if subset_size > m:
-        warnings.warn(f"KID: subset size {subset_size} is larger than the {m} samples available; using {m}.",
-                      stacklevel=2)
-        subset_size = m
-    if subset_size < 2:
+    m = min(subset_size, len(f1), len(f2))
+    if m < subset_size:
+        warnings.warn(f"KID: subset size {subset_size} is larger than the {m} samples "
+                      f"available; using {m}.", stacklevel=2)
+    if m < 2:
         raise FIDError(f"KID needs at least 2 images on each side, got {len(f1)} and {len(f2)}.")
-    m = subset_size
     rng = np.random.default_rng(seed)
     values = np.empty(num_subsets)
     for i in range(num_subsets):
@@ -693,8 +638,7 @@ def frechet_distance_low_rank(mu1, sigma1, mu2, feats2):
     1e-6 (checked in the tests)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, feats2 = np.asarray(sigma1, np.float64), np.asarray(feats2, np.float64)
-    n = len(feats2)
-    a = (feats2 - mu2) / np.sqrt(n - 1)  # sigma2 = a.T @ a, exactly np.cov
+    a = (feats2 - mu2) / np.sqrt(len(feats2) - 1)  # sigma2 = a.T @ a, exactly np.cov
     eigenvalues = np.linalg.eigvalsh(a @ sigma1 @ a.T)
     tr_covmean = np.sqrt(np.clip(eigenvalues, 0, None)).sum()  # tiny negatives are rounding
     diff = mu1 - mu2
@@ -708,30 +652,32 @@ def fid_between(stats_a, stats_b, feats_a=None, feats_b=None):
     If one side has features with fewer rows than dimensions, use the fast
     exact route (frechet_distance_low_rank); otherwise the general one,
     frechet_distance, exactly as pytorch-fid computes it."""
-    candidates = []  # (rows, the other side's (mu, sigma), this side's mu, this side's features)
-    if feats_a is not None and len(feats_a) < feats_a.shape[1]:
-        candidates.append((len(feats_a), stats_b, stats_a[0], feats_a))
-    if feats_b is not None and len(feats_b) < feats_b.shape[1]:
-        candidates.append((len(feats_b), stats_a, stats_b[0], feats_b))
-    if not candidates:
+    sides = [(stats_a, feats_a, stats_b), (stats_b, feats_b, stats_a)]
+    sides = [side for side in sides if side[1] is not None and len(side[1]) < side[1].shape[1]]
+    if not sides:
         return frechet_distance(*stats_a, *stats_b)
     # FID is symmetric, so either side may play "feats2"; the smaller is faster.
-    _, (mu_other, sigma_other), mu_f, feats = min(candidates, key=lambda c: c[0])
-    return frechet_distance_low_rank(mu_other, sigma_other, mu_f, feats)
+    (mu, _), feats, (mu_other, sigma_other) = min(sides, key=lambda side: len(side[1]))
+    return frechet_distance_low_rank(mu_other, sigma_other, mu, feats)
 
 
-def fid_kid(images_a, images_b, model, batch_size=50, device=None, background=(255, 255, 255),
-            num_subsets=100, subset_size=1000, seed=0):
-    """FID and KID between two sets of in-memory uint8 images (e.g. real and
-    generated sprites, (N, 128, 128, 4) RGBA). Returns a dict with the keys
-    fid, kid_mean and kid_std. For the trainer's validation."""
-    fa = features_from_uint8(images_a, model, batch_size, device, background)
-    fb = features_from_uint8(images_b, model, batch_size, device, background)
+def frechet_distance_of_features(feats_a, feats_b):
+    """Frechet distance between two (N, d) sets of features, by the fastest exact route."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the small-n warnings are expected here, every epoch
-        fid = fid_between(statistics(fa), statistics(fb), fa, fb)
-        kid_mean, kid_std = kid(fa, fb, num_subsets, subset_size, seed)
-    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std}
+        warnings.simplefilter("ignore")  # "fewer images than dimensions": expected here
+        return fid_between(statistics(feats_a), statistics(feats_b), feats_a, feats_b)
+
+
+def fid_kid(images_a, images_b, model, batch_size=50, background="white"):
+    """FID and KID (over kid's default subsets) between two sets of in-memory uint8
+    images, e.g. real and generated sprites, (N, 128, 128, 4) RGBA. Returns a dict with
+    the keys fid, kid_mean and kid_std."""
+    fa = features_from_uint8(images_a, model, batch_size, background)
+    fb = features_from_uint8(images_b, model, batch_size, background)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "subset larger than the samples": expected here too
+        kid_mean, kid_std = kid(fa, fb)
+    return {"fid": frechet_distance_of_features(fa, fb), "kid_mean": kid_mean, "kid_std": kid_std}
 
 
 # -----------------------------------------------------------------------------
@@ -742,14 +688,11 @@ def fid_kid(images_a, images_b, model, batch_size=50, device=None, background=(2
 # and minutes of CPU. The measures below need only the sprites, take seconds,
 # and each answers one narrower question:
 #
-#   pixel_art_stats          is it drawn like pixel art? flatness: the share of
-#                            neighbouring opaque blocks of the same colour;
-#                            colours: distinct colours per sprite.
-#   saturation_stats         are the colours as vivid as the data's? A sprite can
-#                            be flat and have few colours and still be garish
-#                            (or muddy); the two proxies above cannot see that.
-#   random_feature_distance  the Frechet distance of section 5, in the features
-#                            of a small random network instead of Inception.
+#   pixel_art_stats          is it drawn like pixel art: flat blocks, few colours?
+#   saturation_stats         are the colours as vivid as the data's? A flat sprite of
+#                            few colours can still be garish or muddy.
+#   random_feature_distance  section 5's Frechet distance, in the features of a small
+#                            random network instead of Inception's.
 #   memorisation_report      does a sample copy a training sprite?
 #
 # Compare a model's sprites with the data, both measured the same way and at
@@ -777,14 +720,16 @@ def pixel_art_stats(images, block=4):
     colours, the mean number of distinct colours per sprite at 8 levels per channel."""
     images = _uint8_tensor(images)
     g = images[:, block // 2::block, block // 2::block].long()  # (N, H/block, W/block, 4)
-    opaque, rgb = g[..., 3] > 127, g[..., :3]
     same = pairs = 0
-    for a, b, both in ((rgb[:, :, 1:], rgb[:, :, :-1], opaque[:, :, 1:] & opaque[:, :, :-1]),
-                       (rgb[:, 1:], rgb[:, :-1], opaque[:, 1:] & opaque[:, :-1])):
+    for cells in (g, g.transpose(1, 2)):  # neighbours one above the other, then side by side
+        both = (cells[:, 1:, :, 3] > 127) & (cells[:, :-1, :, 3] > 127)
+        close = (cells[:, 1:, :, :3] - cells[:, :-1, :, :3]).abs().amax(-1) <= 24
         pairs += both.sum().item()
-        same += (((a - b).abs().amax(-1) <= 24) & both).sum().item()
-    colours = [len(torch.unique(rgb[k][opaque[k]] // 32, dim=0)) for k in range(len(g))]
-    return {"flatness": round(same / max(pairs, 1), 3), "colours": round(sum(colours) / len(colours), 1)}
+        same += (close & both).sum().item()
+    opaque, levels = g[..., 3] > 127, g[..., :3] // 32  # 8 levels per channel
+    colours = [len(torch.unique(levels[k][opaque[k]], dim=0)) for k in range(len(g))]
+    flatness = same / max(pairs, 1)
+    return {"flatness": round(flatness, 3), "colours": round(sum(colours) / len(colours), 1)}
 
 
 def saturation_stats(images):
@@ -804,7 +749,8 @@ def saturation_stats(images):
     per_sprite = ((s * opaque).sum((1, 2)) / count.clamp(min=1))[count > 0]
     if len(per_sprite) == 0:
         return {"saturation": float("nan"), "saturation_std": float("nan")}
-    return {"saturation": per_sprite.mean().item(), "saturation_std": per_sprite.std(correction=0).item()}
+    spread = per_sprite.std(correction=0)
+    return {"saturation": per_sprite.mean().item(), "saturation_std": spread.item()}
 
 
 # A Frechet distance in random features.
@@ -814,51 +760,36 @@ def saturation_stats(images):
 # trained: for ANY fixed phi it is 0 exactly when the two sets have the same
 # feature mean and covariance, and grows as they drift apart. Training only
 # decides which differences phi notices. A random convolutional network with
-# ReLUs is still a rich nonlinear map (the idea behind random features,
-# Rahimi and Recht, 2007: a random map, drawn once and then fixed, can tell
-# distributions apart), and unlike Inception it sees what we care about here:
-# the sprite at its own 128x128 resolution, hard edges unblurred, and the
-# alpha channel, so a wrong silhouette counts as much as a wrong colour.
+# ReLUs is still a rich nonlinear map (random features, Rahimi and Recht,
+# 2007: a random map, drawn once and then fixed, can tell distributions
+# apart), and unlike Inception it sees the sprite at its own 128x128
+# resolution, hard edges unblurred, alpha included, so a wrong silhouette
+# counts as much as a wrong colour.
 #
 # The network (random_features):
-#   input   the RGBA sprite in [-1, 1], value / 127.5 - 1 (spriteflow.to_float's
-#           scale), 4 channels; a transparent pixel is (-1, -1, -1, -1).
+#   input   the RGBA sprite in [-1, 1] (spriteflow.to_float's scale), so a
+#           transparent pixel is (-1, -1, -1, -1).
 #   layers  4 convolutions, 3x3, stride 2, padding 1, no bias, each followed by
 #           ReLU: 128 -> 64 -> 32 -> 16 -> 8 pixels, widths 64, 128, 256, 512.
 #           Each output sees a 3, 7, 15 and 31 pixel window: from the edges of
 #           one pixel-art block up to whole body parts.
-#   weights He-scaled normal, std sqrt(2 / fan_in) with fan_in = 9 * channels
-#           in. With ReLU this keeps the mean square of the activations about
-#           the same at every layer, so no layer's features vanish or dominate.
-#           Drawn from torch.Generator().manual_seed(seed) on the CPU: the same
-#           numbers on every machine and every day. A different seed is a
+#   weights He-scaled normal, std sqrt(2 / fan_in), fan_in = 9 * channels in:
+#           with ReLU the activations keep about the same mean square at every
+#           layer, so no layer's features vanish or dominate. Seeded on the
+#           CPU: the same numbers on every machine. A different seed is a
 #           different (equally good) ruler; never compare across seeds.
 #   features per layer and channel, the mean over positions (how much of a
-#           pattern there is) and the standard deviation over positions (how
-#           unevenly it is spread), each layer's block divided by sqrt(width)
-#           so that the four scales weigh the same in the squared distance:
-#           2 * (64 + 128 + 256 + 512) = 1920 numbers per sprite, in float64.
+#           pattern there is) and the standard deviation (how unevenly it is
+#           spread), each layer's block divided by sqrt(width) so that the four
+#           scales weigh the same: 2 * (64 + 128 + 256 + 512) = 1920 numbers.
 #
-# No BatchNorm and no other mixing between images: a sprite's features do not
-# depend on the batch it is in (up to float32 rounding, ~1e-7). The distance
-# itself reuses statistics and fid_between, so with fewer sprites than 1920 it
-# takes the fast exact low-rank route. Like FID it is biased upward at small
-# N: compare numbers at the same N only. A useful scale is the distance
-# between two disjoint random sets of data sprites of that N (the CLI prints
-# it): a model cannot be expected to come closer to the data than the data
-# comes to itself.
+# No BatchNorm: a sprite's features do not depend on its batch (up to float32
+# rounding). Like FID the distance is biased upward at small N: compare
+# numbers at the same N only. A useful scale is the distance between two
+# disjoint random sets of data sprites of that N (the CLI prints it): a model
+# cannot be expected to come closer to the data than the data comes to itself.
 
 RANDOM_WIDTHS = (64, 128, 256, 512)
-
-
-def random_conv_weights(seed=0, widths=RANDOM_WIDTHS, in_channels=4):
-    """The fixed random network: one (out, in, 3, 3) He-scaled float32 weight per layer."""
-    g = torch.Generator().manual_seed(seed)
-    weights, c_in = [], in_channels
-    for c_out in widths:
-        weights.append(torch.randn(c_out, c_in, 3, 3, generator=g) * math.sqrt(2 / (9 * c_in)))
-        c_in = c_out
-    return weights
 
 
 @torch.no_grad()
@@ -867,10 +798,14 @@ def random_features(images, seed=0, batch_size=64):
     images = _uint8_tensor(images)
     if images.ndim != 4 or images.shape[-1] != 4:
         raise FIDError(f"Expected RGBA sprites of shape (N, H, W, 4), got {tuple(images.shape)}.")
-    weights = random_conv_weights(seed)
+    g = torch.Generator().manual_seed(seed)
+    weights, c_in = [], 4  # one (out, in, 3, 3) He-scaled weight per layer
+    for c_out in RANDOM_WIDTHS:
+        weights.append(torch.randn(c_out, c_in, 3, 3, generator=g) * math.sqrt(2 / (9 * c_in)))
+        c_in = c_out
     out = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 4, H, W) in [-1, 1]
+        x = images[start:start + batch_size].permute(0, 3, 1, 2).float() / 127.5 - 1
         feats = []
         for w in weights:
             x = F.relu(F.conv2d(x, w, stride=2, padding=1))
@@ -880,18 +815,11 @@ def random_features(images, seed=0, batch_size=64):
     return torch.cat(out).numpy() if out else np.zeros((0, 2 * sum(RANDOM_WIDTHS)))
 
 
-def frechet_distance_of_features(feats_a, feats_b):
-    """Frechet distance between two (N, d) sets of features, by the fastest exact route."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "fewer images than dimensions": expected, see above
-        return fid_between(statistics(feats_a), statistics(feats_b), feats_a, feats_b)
-
-
 def random_feature_distance(images_a, images_b, seed=0, batch_size=64):
     """Frechet distance between two sets of uint8 (N, H, W, 4) sprites in the random
     features of random_features(seed). 0 for identical sets; lower is closer."""
-    return frechet_distance_of_features(random_features(images_a, seed, batch_size),
-                                        random_features(images_b, seed, batch_size))
+    feats_a = random_features(images_a, seed, batch_size)
+    return frechet_distance_of_features(feats_a, random_features(images_b, seed, batch_size))
 
 
 # Memorisation: does a sample copy a training sprite?
@@ -926,14 +854,16 @@ def nearest_neighbours(queries, references, chunk=256):
     side: 128x128 RGBA sprites take about 4 * chunk / 256 * 128 MB at once."""
     q, r = _uint8_tensor(queries), _uint8_tensor(references)
     if len(r) == 0 or q.shape[1:] != r.shape[1:]:
-        raise FIDError(f"Cannot match {tuple(q.shape)} queries against {tuple(r.shape)} references.")
+        raise FIDError(f"Cannot match {tuple(q.shape)} queries against {tuple(r.shape)} "
+                       f"references.")
     q, r = q.flatten(1), r.flatten(1)
     best = torch.full((len(q),), float("inf"), dtype=torch.float64)  # squared distances in bytes^2
     index = torch.zeros(len(q), dtype=torch.long)
     for q0 in range(0, len(q), chunk):
         qc = q[q0:q0 + chunk].double()
         q_sq = (qc * qc).sum(1, keepdim=True)
-        best_c, index_c = best[q0:q0 + chunk], index[q0:q0 + chunk]  # views: writes land in best, index
+        # Views: what is written into best_c and index_c lands in best and index.
+        best_c, index_c = best[q0:q0 + chunk], index[q0:q0 + chunk]
         for r0 in range(0, len(r), chunk):
             rc = r[r0:r0 + chunk].double()
             d2 = q_sq + (rc * rc).sum(1) - 2 * qc @ rc.T  # exact integers
@@ -941,7 +871,8 @@ def nearest_neighbours(queries, references, chunk=256):
             better = d2_min < best_c  # strict: on a tie the earlier chunk keeps it
             best_c[better] = d2_min[better]
             index_c[better] = i_min[better] + r0
-    return (best / q.shape[1]).sqrt() / 127.5, index  # mean over values, then bytes -> [-1, 1] scale
+    # The mean over the values, then bytes -> the [-1, 1] scale.
+    return (best / q.shape[1]).sqrt() / 127.5, index
 
 
 def summarise_distances(d):
@@ -964,8 +895,9 @@ def memorisation_report(samples, train, val):
     d_samples, indices = nearest_neighbours(samples, train)
     d_val, _ = nearest_neighbours(val, train)
     threshold = d_val.min().item()
+    closer = (d_samples < threshold).double().mean().item()
     return {"samples": summarise_distances(d_samples), "held_out": summarise_distances(d_val),
-            "threshold": threshold, "closer_than_held_out": (d_samples < threshold).double().mean().item(),
+            "threshold": threshold, "closer_than_held_out": closer,
             "distances": d_samples, "indices": indices}
 
 
@@ -974,7 +906,8 @@ def nearest_sheet(samples, train, indices, pairs_per_row=8):
     (right), pairs_per_row pairs to a row, on spriteflow's checkerboard."""
     spriteflow = _spriteflow()  # the lazy import of section 7
     samples, train = _uint8_tensor(samples), _uint8_tensor(train)
-    pairs = torch.stack([samples, train[torch.as_tensor(indices)]], dim=1).flatten(0, 1)  # s0, t0, s1, t1...
+    neighbours = train[torch.as_tensor(indices)]
+    pairs = torch.stack([samples, neighbours], dim=1).flatten(0, 1)  # s0, t0, s1, t1...
     return spriteflow.sprite_sheet(pairs, cols=2 * max(1, min(pairs_per_row, len(samples))))
 
 
@@ -985,10 +918,9 @@ def nearest_sheet(samples, train, indices, pairs_per_row=8):
 # `python fid.py A B` must work whatever the folders are called. So main()
 # looks at the first argument itself: only the exact words "measure" and
 # "nearest" pick a subcommand, and a folder of that name is given as ./measure.
-# Each command gets its own small parser, so its --help lists only its flags.
-# measure and nearest load sprites as the trainer does (spriteflow.load_folder:
-# RGBA, 128x128, transparent pixels black) and end with one JSON line, so that
-# scripts can read the last line.
+# Each command has its own small parser, so its --help lists only its flags.
+# measure and nearest load sprites as the trainer does (spriteflow.load_folder)
+# and end with one JSON line, for scripts to read.
 
 SHEET_PAIRS = 64
 USAGE = """%(prog)s [options] PATH_A [PATH_B]
@@ -1069,15 +1001,14 @@ def load_stats_file(path):
     """A pytorch-fid style .npz with 'mu' (d,) and 'sigma' (d, d) -> (mu, sigma)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            if "mu" not in data or "sigma" not in data:
-                held = ", ".join(data.files) or "nothing"
-                raise FIDError(f"{path} has no 'mu' and 'sigma' arrays (it holds: {held}).")
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    except FIDError:
-        raise
+            arrays = dict(data)
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         raise FIDError(f"Could not read the statistics file {path} ({reason}).") from None
+    if "mu" not in arrays or "sigma" not in arrays:
+        held = ", ".join(arrays) or "nothing"
+        raise FIDError(f"{path} has no 'mu' and 'sigma' arrays (it holds: {held}).")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise FIDError(f"{path} holds mu of shape {mu.shape} and sigma of shape {sigma.shape}; "
                        f"expected (d,) and (d, d).")
@@ -1093,8 +1024,8 @@ def sample_checkpoint(path, args, device):
         model, guide, ckpt = spriteflow.load_models(str(path), device)
     except spriteflow.UserError as e:
         raise FIDError(str(e).rstrip(".") + ".") from None
-    sampler = args.sampler if args.sampler is not None else spriteflow.DEFAULT_SAMPLER
-    steps = args.steps if args.steps is not None else spriteflow.DEFAULT_STEPS
+    sampler = args.sampler or spriteflow.DEFAULT_SAMPLER
+    steps = args.steps or spriteflow.DEFAULT_STEPS
     classes = ckpt["classes"]
     labels = None
     if classes:  # spread over the classes as in training, as sample does
@@ -1109,9 +1040,7 @@ def sample_checkpoint(path, args, device):
     del model
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()  # leave the GPU memory to Inception
-    images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 4, images.shape
-    return images
+    return images.cpu().numpy()
 
 
 def load_side(path, args, device, get_model):
@@ -1123,16 +1052,9 @@ def load_side(path, args, device, get_model):
         return load_stats_file(path) + (None,)
     if path.is_file() and path.suffix.lower() == ".pt":
         images = sample_checkpoint(path, args, device)
-        feats = features_from_uint8(images, get_model(), args.batch_size, device, args.background)
+        feats = features_from_uint8(images, get_model(), args.batch_size, args.background)
     elif path.is_dir():
-        progress = None
-        if sys.stderr.isatty():
-            def progress(done):
-                print(f"\r{path}: {done} images", end="", file=sys.stderr, flush=True)
-        feats = features_from_folder(path, get_model(), args.batch_size, device,
-                                     args.background, progress)
-        if progress:
-            print(file=sys.stderr)
+        feats = features_from_folder(path, get_model(), args.batch_size, args.background)
     else:
         raise FIDError(f"{path} is neither a folder of images, a .npz of statistics "
                        f"nor a .pt checkpoint.")
@@ -1152,13 +1074,10 @@ def run_fid(args):
         raise FIDError(f"Unknown device {args.device!r}: use cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FIDError("--device cuda was asked for, but PyTorch sees no CUDA GPU here.")
-    model = None
 
-    def get_model():  # load Inception only when a side needs features
-        nonlocal model
-        if model is None:
-            model = load_inception(args.weights, device, allow_download=not args.no_download)
-        return model
+    @functools.cache  # Inception is loaded once, and only when a side needs features
+    def get_model():
+        return load_inception(args.weights, device, allow_download=not args.no_download)
 
     mu_a, sigma_a, feats_a = load_side(args.path_a, args, device, get_model)
     if args.save_stats:
@@ -1190,17 +1109,13 @@ def print_scores(side_a, side_b):
               "and a .npz holds statistics only)")
         return
     kid_mean, kid_std = kid(feats_a, feats_b)
-    pm = "\u00b1"
-    try:
-        pm.encode(sys.stdout.encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        pm = "+/-"  # a terminal that cannot show the plus-minus sign
-    print(f"KID: {kid_mean:.6f} {pm} {kid_std:.6f}")
+    print(f"KID: {kid_mean:.6f} +/- {kid_std:.6f}")  # ASCII: any terminal can show it
 
 
 def load_sprites(folder, side):
-    """A folder of sprites (searched recursively) -> ((N, 128, 128, 4) uint8 tensor, names).
-    side, "samples" or "data", names the folder in every error: a user sees which one is wrong."""
+    """A folder of sprites (searched recursively) -> ((N, 128, 128, 4) uint8 tensor, names,
+    class labels (N,) as the trainer reads them, or None). side, "samples" or "data", names
+    the folder in every error: a user sees which one is wrong."""
     spriteflow, folder = _spriteflow(), Path(folder)
     if not folder.exists():
         raise FIDError(f"The {side} folder {folder} does not exist.")
@@ -1210,26 +1125,20 @@ def load_sprites(folder, side):
         # A `spriteflow.py sample` folder: its sprites, not grid.png, sheet.png or native/.
         paths = sorted(folder.glob("sprite_*.png"))
         if not paths:
-            raise FIDError(f"The {side} folder {folder} holds a sheet.json "
-                           f"but no sprite_*.png files.")
+            raise FIDError(f"The {side} folder {folder} holds a sheet.json but no sprite_*.png.")
         try:
             images = np.stack([spriteflow.load_rgba(p) for p in paths])
         except Exception as e:  # PIL raises many types for broken files
             raise FIDError(f"Could not read the {side} sprites in {folder} ({e}).") from None
-        return torch.from_numpy(images), [p.name for p in paths]
+        return torch.from_numpy(images), [p.name for p in paths], None
     # Checked here: load_folder's own message would call even the samples a "data folder".
     if not any(p.suffix.lower() in spriteflow.IMAGE_SUFFIXES for p in folder.rglob("*")):
         raise FIDError(f"The {side} folder {folder} holds no PNG, GIF, WebP or BMP images.")
     try:
-        loaded = spriteflow.load_folder(folder)  # (images, names, classes, labels)
+        images, names, _, y = spriteflow.load_folder(folder)
     except spriteflow.UserError as e:
         raise FIDError(f"Could not load the {side} folder ({e}).") from None
-    return loaded[0].permute(0, 2, 3, 1).contiguous(), loaded[1]
-
-
-def sprite_measures(images):
-    """pixel_art_stats and saturation_stats of uint8 (N, H, W, 4) sprites, in one dict."""
-    return {**pixel_art_stats(images), **saturation_stats(images)}
+    return images.permute(0, 2, 3, 1).contiguous(), names, y
 
 
 def run_measure(args):
@@ -1237,8 +1146,8 @@ def run_measure(args):
     and the random-feature Frechet distance between them."""
     if args.n_data is not None and args.n_data < 2:
         raise FIDError("--n-data must be at least 2.")
-    samples, _ = load_sprites(args.samples, "samples")
-    data, _ = load_sprites(args.data, "data")
+    samples, _, _ = load_sprites(args.samples, "samples")
+    data, _, _ = load_sprites(args.data, "data")
     n_data = min(args.n_data or len(samples), len(data))
     if len(samples) < 2 or n_data < 2:
         raise FIDError(f"fid.py measure needs at least 2 sprites on each side, got "
@@ -1255,16 +1164,16 @@ def run_measure(args):
         floor = frechet_distance_of_features(random_features(data[rest]), feats_reference)
     distance = frechet_distance_of_features(random_features(samples), feats_reference)
     result = {"n_samples": len(samples), "n_data": n_data, "seed": args.seed,
-              "samples": sprite_measures(samples), "data": sprite_measures(reference),
+              "samples": {**pixel_art_stats(samples), **saturation_stats(samples)},
+              "data": {**pixel_art_stats(reference), **saturation_stats(reference)},
               "random_fd": distance, "random_fd_data_vs_data": floor}
     if not args.json:
         print(f"{len(samples)} samples from {args.samples} against {n_data} random sprites "
               f"of {args.data} (seed {args.seed})")
         print(f"{'':20}{'samples':>10}{'data':>10}")
-        for key, label, fmt in (("flatness", "flatness", ".3f"), ("colours", "colours", ".1f"),
-                                ("saturation", "saturation", ".4f"),
-                                ("saturation_std", "saturation std", ".4f")):
-            print(f"{label:20}{result['samples'][key]:>10{fmt}}{result['data'][key]:>10{fmt}}")
+        for key in result["samples"]:  # flatness, colours, saturation, saturation_std
+            label = key.replace("_", " ")
+            print(f"{label:20}{result['samples'][key]:>10.4g}{result['data'][key]:>10.4g}")
         floor_text = f"needs {n_data + len(samples)} data sprites"
         if floor is not None:
             floor_text = f"{floor:.4g}"
@@ -1275,13 +1184,8 @@ def run_measure(args):
 def run_nearest(args):
     """fid.py nearest: the memorisation report of the samples against the training split."""
     spriteflow = _spriteflow()
-    samples, sample_names = load_sprites(args.samples, "samples")
-    data, names = load_sprites(args.data, "data")
-    tops = [name.split("/")[0] if "/" in name else None for name in names]
-    classes = sorted(set(tops) - {None})
-    y = None  # class labels as the trainer reads them, for its stratified split
-    if len(classes) > 1 and None not in tops:
-        y = torch.tensor([classes.index(top) for top in tops])
+    samples, sample_names, _ = load_sprites(args.samples, "samples")
+    data, names, y = load_sprites(args.data, "data")
     train_idx, val_idx = spriteflow.split_train_val(names, 0.05, y)  # the trainer's own split
     train = data[train_idx]
     report = memorisation_report(samples, train, data[val_idx])
@@ -1319,21 +1223,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def parse_command_line(argv):
-    """argv -> (the function that runs the command, its arguments). Only the exact first
-    words "measure" and "nearest" are subcommands; anything else is PATH_A."""
-    if argv and argv[0] in ("measure", "nearest"):
-        run_sprites = run_measure if argv[0] == "measure" else run_nearest
-        return run_sprites, sprite_parser(argv[0]).parse_args(argv[1:])
-    return run_fid, fid_parser().parse_args(argv)
-
-
 def main(argv=None):
     """Parse the command line and run one command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        command, args = parse_command_line(argv)
+        if argv and argv[0] in ("measure", "nearest"):  # only these exact first words
+            command = run_measure if argv[0] == "measure" else run_nearest
+            args = sprite_parser(argv[0]).parse_args(argv[1:])
+        else:
+            command, args = run_fid, fid_parser().parse_args(argv)
         command(args)
     except FIDError as e:
         print(f"error: {e}", file=sys.stderr)

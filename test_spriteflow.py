@@ -1711,7 +1711,8 @@ def test_fid_kid_in_memory(model):
     assert abs(result["fid"]) < 1e-6
     assert np.isfinite(result["kid_mean"]) and np.isfinite(result["kid_std"])
     with pytest.warns(UserWarning, match="KID"):  # 3 images << 2048 dimensions
-        mu, sigma = fid.feature_stats_from_uint8(torch.from_numpy(images), model)  # a tensor works too
+        feats = fid.features_from_uint8(torch.from_numpy(images), model)  # a tensor works too
+        mu, sigma = fid.statistics(feats)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
 
 
@@ -1969,7 +1970,7 @@ def test_fid_reads_only_the_sprites_of_a_sample_folder(tmp_path):
     out = tmp_path / "samples"
     out.mkdir()
     sf.write_sprites(out, sprites, native=2)
-    images, names = fid.load_sprites(out, "samples")
+    images, names, _ = fid.load_sprites(out, "samples")
     assert names == ["sprite_000.png", "sprite_001.png", "sprite_002.png"]
     assert torch.equal(images, sprites)
 
