@@ -656,19 +656,13 @@ def integrate(clean, x, solver, sched, frames=None):
     return sample_sde(velocity, x, solver.steps, sched, solver.sigma, generator, frames)
 
 
-def autocast(device, bf16):
-    """bf16 autocast when asked for (Part II decides where it pays); else a no-op."""
-    on = bool(bf16) and device.type in ("cuda", "cpu")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
-
-
 def guided_clean(model, c=None, w=1.0, guide=None, bf16=False):
     """z_w(x, t): the clean-sprite guess for labels c (B,) or None, guided as above by
     classifier-free guidance (a model with classes) or by the guide (luminance and alpha)."""
     weak = (model.n_classes > 0 and c is not None) or guide is not None
 
     def clean(x, t):
-        with autocast(x.device, bf16):
+        with autocast(x.device, bf16):  # Part II: bf16 where it pays
             if w == 1 or not weak:
                 return model.clean(x, t, c).float()
             if guide is None:  # one batched call: conditional and unconditional halves
@@ -766,13 +760,6 @@ def lr_at(step, base_lr, warmup):
     return base_lr * min(1.0, (step + 1) / warmup)
 
 
-def run_progress(step, seconds, cfg):
-    """How much of its budget (steps, minutes or both) the run has used: 0 -> 1."""
-    by_steps = step / cfg.max_steps if cfg.max_steps else 0.0
-    by_time = seconds / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
-    return min(1.0, max(by_steps, by_time))
-
-
 # -----------------------------------------------------------------------------
 # 7. Training
 #
@@ -804,8 +791,7 @@ def run_progress(step, seconds, cfg):
 # that survive a crash, signals, bf16, several processes, the log) is Part II.
 # -----------------------------------------------------------------------------
 
-DEFAULT_MINUTES, MAX_BAD_STEPS = 30.0, 5
-DEVICES = ("auto", "cpu", "cuda", "mps")
+MAX_BAD_STEPS = 5  # non-finite gradients in a row that end a run
 
 
 def sample_t(n, shift, generator, device):
@@ -949,13 +935,13 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
     """Step until the budget is spent, a signal asks to stop or step `stop_after` is reached;
     returns "done", "interrupted" or "stopped"."""
     device, gamma = data.train_x.device, ema_gamma(EMA_LENGTH)
-    amp = autocast(device, bf16)
+    amp = autocast(device, bf16)  # Part II: bf16 where it pays
     wants_guide = cfg.guide == "on" or (cfg.guide == "auto" and not data.classes)
     bad_in_row, last = 0, time.time()
     while True:
         now = time.time()
         state.seconds, last = state.seconds + now - last, now
-        progress = run_progress(state.step, state.seconds, cfg)
+        progress = run_progress(state.step, state.seconds, cfg)  # Part II: share of the budget
         if any_rank(progress >= 1 or stop.asked or state.step == stop_after, device):  # Part II
             if progress >= 1:
                 return "done"
@@ -1271,6 +1257,17 @@ def load_training_data(cfg, ckpt, rank, world, device):
 # leave the loop at the same step and end with the same weights.
 # -----------------------------------------------------------------------------
 
+DEFAULT_MINUTES = 30.0  # the budget when a run names none
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def run_progress(step, seconds, cfg):
+    """How much of its budget (steps, minutes or both) the run has used: 0 -> 1."""
+    by_steps = step / cfg.max_steps if cfg.max_steps else 0.0
+    by_time = seconds / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
+    return min(1.0, max(by_steps, by_time))
+
+
 def option(default, help, choices=None):
     """A config field that also carries its --help text (and allowed values) for argparse."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
@@ -1429,6 +1426,12 @@ def check_ranks_in_sync(model, world):
 # -----------------------------------------------------------------------------
 
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 and AMX, ARM
+
+
+def autocast(device, bf16):
+    """bf16 autocast when asked for (Part II decides where it pays); else a no-op."""
+    on = bool(bf16) and device.type in ("cuda", "cpu")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def cpu_has_bf16():
