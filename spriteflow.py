@@ -1405,6 +1405,7 @@ def check_ranks_in_sync(model, world):
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     same = torch.equal(hi, lo)
+    dist.barrier()  # no process leaves the group while another still reads from it
     dist.destroy_process_group()
     if not same:
         raise UserError(f"the {world} processes ended with different weights; DDP lost sync")
