@@ -1768,6 +1768,7 @@ class TrainingLog:
         self.sums = torch.zeros(2 * T_BUCKETS + 2, device=data.train_x.device)
         self.steps, self.clock, self.elapsed = 0, time.time(), None
         self.start_step, self.started = state.step, time.time()
+        self.saved_at = state.step if cfg.resume else None  # the newest checkpoint's step
         self.n_train = max(len(data.train_x) * world, 1)
         print(start_line(folder, cfg, data, state, world, bf16, bf16_why), file=sys.stderr)
 
@@ -1794,9 +1795,12 @@ class TrainingLog:
         buckets = [f"{a / k:.5f}" if k else "" for a, k in pairs]
         epoch = state.step * cfg.batch_size * self.world / self.n_train
         minutes = state.seconds / 60
-        row = [state.step, f"{epoch:.3f}", f"{sums[-2] / n:.5f}", f"{lr:.3e}",
-               f"{sums[-1] / n:.4f}", f"{img_s:.2f}", "" if val is None else f"{val:.5f}",
-               *buckets, f"{minutes:.2f}", state.skipped]
+        # A row with no steps since the last one (the final validation of a run that
+        # stopped just after a row) carries the validation alone, never a made-up 0 loss.
+        loss, grad, speed = (f"{sums[-2] / n:.5f}", f"{sums[-1] / n:.4f}", f"{img_s:.2f}") \
+            if self.steps else ("", "", "")
+        row = [state.step, f"{epoch:.3f}", loss, f"{lr:.3e}", grad, speed,
+               "" if val is None else f"{val:.5f}", *buckets, f"{minutes:.2f}", state.skipped]
         try:
             self.csv.writerow(row)
             self.file.flush()
@@ -1804,9 +1808,13 @@ class TrainingLog:
             raise UserError(f"cannot write the training log in '{self.folder}': {e.strerror or e}")
         pace = (time.time() - self.started) / 60 / max(state.step - self.start_step, 1)
         end = "\r" if sys.stderr.isatty() else "\n"
-        print(f"{progress_text(state.step, minutes, pace, cfg)} loss {sums[-2] / n:.4f} "
-              f"lr {lr:.1e} {img_s:.1f} img/s", end=end, file=sys.stderr, flush=True)
+        said = f"loss {sums[-2] / n:.4f} lr {lr:.1e} {img_s:.1f} img/s"
+        if not self.steps:  # only finish() writes such a row, and it carries a validation
+            said = f"val loss {val:.5f}"
+        print(f"{progress_text(state.step, minutes, pace, cfg)} {said}", end=end,
+              file=sys.stderr, flush=True)
         if val is not None:
+            self.saved_at = state.step  # validate_and_save wrote a checkpoint with it
             plot_training_log(self.folder)
         self.sums.zero_()
         self.steps, self.clock = 0, time.time()
@@ -1822,9 +1830,9 @@ class TrainingLog:
 
     def finish(self, state, data, reason):
         """The last row with validation and checkpoint, then the run's last words."""
-        if self.steps or not (self.folder / "last.pt").exists():
+        if self.saved_at != state.step:  # the steps since the last checkpoint are saved too
             self.stop_clock()
-            lr = lr_at(state.step, self.cfg.lr, self.cfg.warmup)
+            lr = lr_at(max(state.step - 1, 0), self.cfg.lr, self.cfg.warmup)  # the last step's
             self.row(state, lr, validate_and_save(self.cfg, state, data, self.bf16, lr))
         self.file.close()
         skipped = f"; {state.skipped} steps skipped, loss not finite" if state.skipped else ""

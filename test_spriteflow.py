@@ -1142,12 +1142,43 @@ def test_a_time_budget_is_counted_across_resumes_at_a_constant_lr(tmp_path):
     anneal); the checkpoint keeps the training time, so a resumed run finds its budget
     already spent and takes no step."""
     data = write_sprites(tmp_path / "d", 4)
-    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=0, max_minutes=0.02, log_every=1, val_every=1000, lr=1e-3))
+    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=0, max_minutes=0.02, log_every=1,
+                             val_every=1000, lr=1e-3, warmup=1))  # full LR from step 1
     rows = list(csv.DictReader(open(run / "training_log.csv")))
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["seconds"] >= 1.2 and float(rows[-1]["lr"]) == 1e-3 and float(rows[-1]["minutes"]) >= 0.02
     sf.train(tiny_config(data, tmp_path / "r", resume=True, max_steps=0))
     assert torch.load(run / "last.pt", weights_only=True)["step"] == ckpt["step"]
+
+
+def test_the_last_step_is_saved_even_between_validations(tmp_path):
+    """A run that ends just after a log row but between validations (4 steps; rows every 2,
+    validation every 3) still saves step 4. The row that final validation adds carries the
+    validation alone, not a made-up loss of 0 for the no steps since the last row."""
+    data = write_sprites(tmp_path / "d", 4)
+    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=4))
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
+    rows = list(csv.DictReader(open(run / "training_log.csv")))
+    assert [r["step"] for r in rows] == ["2", "3", "4", "4"]
+    assert rows[-1]["loss"] == rows[-1]["img_per_s"] == "" and float(rows[-1]["val_loss"]) > 0
+
+
+def test_a_larger_time_budget_on_resume_extends_the_run_at_the_same_lr(tmp_path):
+    """`--resume --max-minutes` with a larger budget continues a finished run: more steps, the
+    training time summed over both sessions, and every step at the same constant LR (a
+    one-step warm-up), across the seam too: so a 30-minute run becomes a 60-minute one."""
+    data = write_sprites(tmp_path / "d", 4)
+    cfg = dict(max_steps=0, log_every=1, val_every=1000, lr=1e-3, warmup=1, guide="off")
+    run = sf.train(tiny_config(data, tmp_path / "r", max_minutes=0.01, **cfg))
+    first = torch.load(run / "last.pt", weights_only=True)
+    longer = (first["seconds"] + 2) / 60  # two more seconds, however long the first part took
+    sf.train(tiny_config(data, tmp_path / "r", resume=True, max_minutes=longer, **cfg))
+    second = torch.load(run / "last.pt", weights_only=True)
+    assert second["step"] > first["step"] and second["seconds"] >= first["seconds"] + 2
+    rows = list(csv.DictReader(open(run / "training_log.csv")))
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and steps[-1] == second["step"]  # one log, in step order
+    assert {float(r["lr"]) for r in rows} == {1e-3}  # a one-step warm-up: full LR throughout
 
 
 # -----------------------------------------------------------------------------
