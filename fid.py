@@ -192,7 +192,8 @@ class FIDInceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
-    """Mixed_7a, the 17x17 -> 8x8 reduction: 1x1->3x3 (stride 2) | 1x1->1x7->7x1->3x3 (stride 2) | maxpool."""
+    """Mixed_7a, the 17x17 -> 8x8 reduction, three branches concatenated:
+    1x1->3x3 (stride 2) | 1x1->1x7->7x1->3x3 (stride 2) | maxpool."""
 
     def __init__(self, in_channels):
         super().__init__()
@@ -527,7 +528,8 @@ def features_from_folder(folder, model, batch_size=50, background="white"):
 
 
 def statistics(feats):
-    """Mean and covariance of (N, d) features: mu = mean over rows, sigma = np.cov (divides by N - 1)."""
+    """Mean and covariance of (N, d) features: mu = the mean over rows, sigma = np.cov
+    (which divides by N - 1)."""
     feats = np.asarray(feats, dtype=np.float64)
     n, d = feats.shape
     if n < 2:

@@ -468,8 +468,6 @@ class UNet(nn.Module):
         return out if self.target == "data" else data_from_velocity(out, x, t, self.schedule)
 
 
-
-
 # -----------------------------------------------------------------------------
 # 5. Samplers and guidance
 #
@@ -558,7 +556,6 @@ class Solver:
     def calls(self):
         """Network calls per sprite (a guided call, on two inputs at once, counts as one)."""
         return 2 * self.steps if self.method == "heun" else self.steps
-
 
 
 def time_grid(steps, shift=1.0):
@@ -1045,7 +1042,10 @@ def slerp(a, b, s):
 def inpaint(clean, sched, y, m, x, solver):
     """Repaint the sprite y (B, 4, H, W) where the mask m (B, 1, H, W) is 1, from the noise
     x, by overwriting the known part of every guess z_hat with y (above)."""
-    held = lambda x_t, t: m * clean(x_t, t) + (1 - m) * y  # noqa: E731
+
+    def held(x_t, t):  # the guess, its known part replaced by y
+        return m * clean(x_t, t) + (1 - m) * y
+
     return integrate(held, x, solver, sched)
 
 
