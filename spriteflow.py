@@ -889,7 +889,8 @@ def validation_loss(model, data, cfg, bf16, batch_size=64):
     """Mean uncapped flow-matching loss of `model` on the held-out sprites, fixed seeds."""
     model.eval()
     device = next(model.parameters()).device
-    gen, total = torch.Generator().manual_seed(1234), 0.0
+    gen = torch.Generator().manual_seed(1234)  # the same t and eps at every validation
+    total = 0.0
     for i in range(0, len(data.val_x), batch_size):
         z = to_float(data.val_x[i:i + batch_size]).to(device)
         t = torch.rand(len(z), generator=gen).to(device)
@@ -931,13 +932,16 @@ def train(cfg, stop_after=None):
 def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
     """Step until the budget is spent, a signal asks to stop or step `stop_after` is reached;
     returns "done", "interrupted" or "stopped"."""
-    device, gamma = data.train_x.device, ema_gamma(EMA_LENGTH)
+    device = data.train_x.device
+    gamma = ema_gamma(EMA_LENGTH)
     amp = autocast(device, bf16)  # Part II: bf16 where it pays
     wants_guide = cfg.guide == "on" or (cfg.guide == "auto" and not data.classes)
-    bad_in_row, last = 0, time.time()
+    bad_in_row = 0  # non-finite gradients in a row
+    last = time.time()
     while True:
         now = time.time()
-        state.seconds, last = state.seconds + now - last, now
+        state.seconds += now - last  # training time, summed across resumes
+        last = now
         progress = run_progress(state.step, state.seconds, cfg)  # Part II: share of the budget
         if any_rank(progress >= 1 or stop.asked or state.step == stop_after, device):  # Part II
             if progress >= 1:
@@ -1331,7 +1335,8 @@ def check_number(flag, value, positive):
 def check_config(cfg):
     """Reject bad values with one sentence each, before any work starts."""
     for f in dataclasses.fields(cfg):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
         if f.metadata["choices"] and value not in f.metadata["choices"]:
             allowed = ", ".join(map(str, f.metadata["choices"]))
             raise UserError(f"{flag} must be one of {allowed}, got {value!r}")
@@ -1587,7 +1592,8 @@ def resume_point(folder, cfg):
     """(checkpoint or None, the config to train with): on --resume, the newest complete
     checkpoint of the folder and its recipe with this command's budget; else the config
     with its run folder and budget filled in."""
-    cfg, ckpt = dataclasses.replace(cfg, run_dir=str(folder)), None
+    cfg = dataclasses.replace(cfg, run_dir=str(folder))
+    ckpt = None
     saved = [p for p in (folder / "last.pt", folder / "best.pt") if p.exists()]
     if saved and not cfg.resume:
         raise UserError(f"'{folder}' already holds a checkpoint; add --resume to continue it "
@@ -1797,8 +1803,9 @@ class TrainingLog:
         minutes = state.seconds / 60
         # A row with no steps since the last one (the final validation of a run that
         # stopped just after a row) carries the validation alone, never a made-up 0 loss.
-        loss, grad, speed = (f"{sums[-2] / n:.5f}", f"{sums[-1] / n:.4f}", f"{img_s:.2f}") \
-            if self.steps else ("", "", "")
+        loss = grad = speed = ""
+        if self.steps:
+            loss, grad, speed = f"{sums[-2] / n:.5f}", f"{sums[-1] / n:.4f}", f"{img_s:.2f}"
         row = [state.step, f"{epoch:.3f}", loss, f"{lr:.3e}", grad, speed,
                "" if val is None else f"{val:.5f}", *buckets, f"{minutes:.2f}", state.skipped]
         try:
@@ -1926,7 +1933,8 @@ def draw_log_chart(series, title):
     colors = [(31, 119, 180), (230, 159, 0), (86, 180, 233), (0, 158, 115), (213, 94, 0),
               (204, 121, 167), (200, 0, 0)]
     for i, (name, pts) in enumerate(series.items()):
-        color, points = colors[i % len(colors)], [px(x, y) for x, y in pts]
+        color = colors[i % len(colors)]
+        points = [px(x, y) for x, y in pts]
         draw.line(points, fill=color, width=3 if name in ("loss", "val_loss") else 1)
         if len(points) < 3:
             for x, y in points:
@@ -2277,7 +2285,9 @@ def machine_name(device):
 def cmd_bench(args):
     """bench: the speeds above on this machine, as lines and, last, one JSON line."""
     device = pick_device(args.device)
-    cfg, batch, result = TrainConfig(compile=args.compile), args.batch_size, {}
+    cfg = TrainConfig(compile=args.compile)
+    batch = args.batch_size
+    result = {}
     precisions = [False, True] if device.type == "cuda" or cpu_has_bf16() else [False]
     for bf16 in precisions:
         name = "bf16" if bf16 else "fp32"
