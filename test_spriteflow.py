@@ -77,17 +77,23 @@ def test_schedule_derivatives_match_autograd(name, t0):
 @given(schedules, seeds, shapes)
 def test_path_endpoints_are_exactly_noise_and_data(name, seed, shape):
     """x_0 = eps and x_1 = z, bit for bit: the path starts at noise and ends at data."""
-    z, eps = tensors(seed, (2, *shape), torch.float32), tensors(seed + 1, (2, *shape), torch.float32)
+    z, eps = (
+        tensors(seed, (2, *shape), torch.float32),
+        tensors(seed + 1, (2, *shape), torch.float32),
+    )
     assert torch.equal(sf.sample_path(z, torch.zeros(2), eps, name), eps)
     assert torch.equal(sf.sample_path(z, torch.ones(2), eps, name), z)
 
 
 @given(schedules, times, seeds, shapes)
 def test_conditional_vector_field_is_time_derivative_of_path(name, t0, seed, shape):
-    """u_t(x_t | z) = d/dt x_t for fixed (z, eps), with the derivative from forward-mode autograd."""
+    """u_t(x_t | z) = d/dt x_t for fixed (z, eps), with the derivative from forward-mode
+    autograd."""
     z, eps = tensors(seed, (3, *shape)), tensors(seed + 1, (3, *shape))
     t = torch.full((3,), t0, dtype=torch.float64)
-    _, dx_dt = torch.func.jvp(lambda s: sf.sample_path(z, s, eps, name), (t,), (torch.ones_like(t),))
+    _, dx_dt = torch.func.jvp(
+        lambda s: sf.sample_path(z, s, eps, name), (t,), (torch.ones_like(t),)
+    )
     assert torch.allclose(sf.conditional_vector_field(z, t, eps, name), dx_dt, atol=1e-10)
 
 
@@ -99,7 +105,11 @@ def test_conditional_score_is_gradient_of_log_density(name, t0, seed, shape):
     t = torch.full((2,), t0, dtype=torch.float64)
     alpha, beta, _, _ = sf.schedule(name, sf.expand(t, x))
     d = x[0].numel()
-    log_p = (-((x - alpha * z) ** 2) / (2 * beta**2)).flatten(1).sum(1) - d * torch.log(beta.flatten()) - d / 2 * math.log(2 * math.pi)
+    log_p = (
+        (-((x - alpha * z) ** 2) / (2 * beta**2)).flatten(1).sum(1)
+        - d * torch.log(beta.flatten())
+        - d / 2 * math.log(2 * math.pi)
+    )
     (grad,) = torch.autograd.grad(log_p.sum(), x)
     assert torch.allclose(sf.conditional_score(x.detach(), z, t, name), grad, rtol=1e-9, atol=1e-9)
 
@@ -111,7 +121,12 @@ def test_vector_field_to_score_recovers_conditional_score(name, t0, seed, shape)
     t = torch.full((2,), t0, dtype=torch.float64)
     x = sf.sample_path(z, t, eps, name)
     u = sf.conditional_vector_field(z, t, eps, name)
-    assert torch.allclose(sf.score_from_vector_field(u, x, t, name), sf.conditional_score(x, z, t, name), rtol=1e-8, atol=1e-8)
+    assert torch.allclose(
+        sf.score_from_vector_field(u, x, t, name),
+        sf.conditional_score(x, z, t, name),
+        rtol=1e-8,
+        atol=1e-8,
+    )
 
 
 @given(schedules, st.floats(0.0, 0.94), seeds, shapes)
@@ -123,7 +138,11 @@ def test_data_prediction_maps_to_the_conditional_vector_field(name, t0, seed, sh
     if sf.schedule(name, t)[1][0] < sf.BETA_MIN:
         return
     x = sf.sample_path(z, t, eps, name)
-    assert torch.allclose(sf.velocity_from_data(z, x, t, name), sf.conditional_vector_field(z, t, eps, name), atol=1e-9)
+    assert torch.allclose(
+        sf.velocity_from_data(z, x, t, name),
+        sf.conditional_vector_field(z, t, eps, name),
+        atol=1e-9,
+    )
 
 
 @given(schedules, st.floats(0.0, 1.0), seeds, shapes)
@@ -143,10 +162,17 @@ def test_data_loss_is_the_velocity_loss_with_a_capped_weight(name, t0, seed, cap
     z, z_hat, eps = (tensors(seed + k, (2, 4, 8, 8)).float() for k in range(3))
     t = torch.full((2,), t0)
     x = sf.sample_path(z, t, eps, name)
-    velocity_loss = (sf.velocity_from_data(z_hat, x, t, name) - sf.velocity_from_data(z, x, t, name)).pow(2).flatten(1).mean(1)
+    velocity_loss = (
+        (sf.velocity_from_data(z_hat, x, t, name) - sf.velocity_from_data(z, x, t, name))
+        .pow(2)
+        .flatten(1)
+        .mean(1)
+    )
     loss = sf.flow_matching_loss(lambda x_t, t_, c: z_hat, z, t, eps, None, "data", name)
     assert torch.allclose(loss, velocity_loss, rtol=1e-4)
-    capped = sf.flow_matching_loss(lambda x_t, t_, c: z_hat, z, t, eps, None, "data", name, weight_cap=cap)
+    capped = sf.flow_matching_loss(
+        lambda x_t, t_, c: z_hat, z, t, eps, None, "data", name, weight_cap=cap
+    )
     x_loss = (z_hat - z).pow(2).flatten(1).mean(1)
     assert torch.allclose(capped, torch.minimum(loss, cap * x_loss), rtol=1e-5)
 
@@ -229,7 +255,9 @@ def test_score_and_guess_from_the_marginal_field_are_the_exact_ones(name):
         t = torch.full((100,), t0, dtype=torch.float64)
         alpha, beta, _, _ = sf.schedule(name, sf.expand(t, x))
         true_score = -(x - alpha * MU) / (alpha**2 * S**2 + beta**2)
-        assert torch.allclose(sf.score_from_vector_field(u(x, t), x, t, name), true_score, atol=1e-10)
+        assert torch.allclose(
+            sf.score_from_vector_field(u(x, t), x, t, name), true_score, atol=1e-10
+        )
         assert torch.allclose(sf.velocity_from_data(z_hat(x, t), x, t, name), u(x, t), atol=1e-10)
 
 
@@ -256,7 +284,9 @@ def test_multistep_is_exact_for_a_point_mass(name):
     x0 = noise(64)
     point = lambda x, t: MU.expand_as(x)  # noqa: E731
     for steps in (1, 2, 5):
-        assert torch.allclose(sf.sample_multistep(point, x0, steps, name), MU.expand_as(x0), rtol=0, atol=1e-12)
+        assert torch.allclose(
+            sf.sample_multistep(point, x0, steps, name), MU.expand_as(x0), rtol=0, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("name", sf.SCHEDULES)
@@ -310,7 +340,10 @@ def test_sde_stays_finite_near_the_data_end(name):
     global S
     old, S = S, 1e-3
     try:
-        x = sf.sample_sde(gaussian_velocity(name), noise(500), 2000, name, generator=torch.Generator().manual_seed(0))
+        x = sf.sample_sde(
+            gaussian_velocity(name), noise(500), 2000, name,
+            generator=torch.Generator().manual_seed(0),
+        )
     finally:
         S = old
     assert torch.isfinite(x).all()
@@ -397,7 +430,11 @@ def test_loader_handles_every_mode_and_format(tmp_path):
     assert sf.load_rgba(tmp_path / "l.bmp")[5, 5].tolist() == [77, 77, 77, 255]
     assert sf.load_rgba(tmp_path / "rgb.webp")[5, 5].tolist() == [1, 2, 3, 255]
     rgba = sf.load_rgba(tmp_path / "rgba.png")
-    assert np.array_equal(rgba, checker_rgba().repeat(4, 0).repeat(4, 1) * (checker_rgba()[..., 3:] > 0).repeat(4, 0).repeat(4, 1))
+    assert np.array_equal(
+        rgba,
+        checker_rgba().repeat(4, 0).repeat(4, 1)
+        * (checker_rgba()[..., 3:] > 0).repeat(4, 0).repeat(4, 1),
+    )
 
 
 def test_loader_pads_to_square_resizes_nearest_and_clears_hidden_colour(tmp_path):
@@ -468,7 +505,9 @@ def test_split_is_stratified_and_a_class_keeps_its_only_sprite(tmp_path):
     out), and every class keeps a training sprite; training then warns about the thin class."""
     crc = lambda name: zlib.crc32(name.encode()) / 2**32  # noqa: E731 (the split's own hash)
     robot = min((f"robot/r{i}.png" for i in range(100)), key=crc)
-    names = sorted([f"human/h{i}.png" for i in range(8)] + [robot] + [f"slime/s{i}.png" for i in range(8)])
+    names = sorted(
+        [f"human/h{i}.png" for i in range(8)] + [robot] + [f"slime/s{i}.png" for i in range(8)]
+    )
     assert crc(robot) == min(map(crc, names))
     y = torch.tensor([["human", "robot", "slime"].index(n.split("/")[0]) for n in names])
     for fraction in (1e-9, 0.05, 0.3, 0.99):
@@ -492,7 +531,9 @@ def test_detect_grid_ignores_a_stray_image_and_names_it():
     stray = torch.from_numpy(rng.integers(0, 256, (1, 4, 128, 128), dtype=np.uint8))
     names = [f"s{i:02d}.png" for i in range(18)] + ["photo.png"]
     assert sf.own_grid(torch.cat([art, stray])).tolist() == [4] * 18 + [1]
-    with pytest.warns(UserWarning, match=r"1 of 19 images are not drawn on the 4-pixel grid .*photo\.png"):
+    with pytest.warns(
+        UserWarning, match=r"1 of 19 images are not drawn on the 4-pixel grid .*photo\.png"
+    ):
         assert sf.detect_grid(torch.cat([art, stray]), names) == 4
 
 
@@ -547,7 +588,11 @@ def test_unet_guess_and_velocity_agree(target):
 def test_tiny_model_overfits_a_handful_of_sprites():
     """A small U-Net trained on 4 sprites drives the flow-matching loss, at fixed (t, eps),
     far below its starting value."""
-    z = sf.to_float(torch.from_numpy(np.stack([checker_rgba(32, 32, 4, s).repeat(4, 0).repeat(4, 1) for s in range(4)])).permute(0, 3, 1, 2))
+    z = sf.to_float(
+        torch.from_numpy(
+            np.stack([checker_rgba(32, 32, 4, s).repeat(4, 0).repeat(4, 1) for s in range(4)])
+        ).permute(0, 3, 1, 2)
+    )
     model = tiny_unet(target="data")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
@@ -556,12 +601,18 @@ def test_tiny_model_overfits_a_handful_of_sprites():
 
     def fixed_loss():
         with torch.no_grad():
-            return sf.flow_matching_loss(model, z_fix, t_fix, eps_fix, None, "data", "linear").mean().item()
+            return (
+                sf.flow_matching_loss(model, z_fix, t_fix, eps_fix, None, "data", "linear")
+                .mean()
+                .item()
+            )
 
     start = fixed_loss()
     for _ in range(80):
         t, eps = torch.rand(8, generator=g), torch.randn(8, 4, 128, 128, generator=g)
-        loss = sf.flow_matching_loss(model, z.repeat(2, 1, 1, 1), t, eps, None, "data", "linear").mean()
+        loss = sf.flow_matching_loss(
+            model, z.repeat(2, 1, 1, 1), t, eps, None, "data", "linear"
+        ).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -569,8 +620,11 @@ def test_tiny_model_overfits_a_handful_of_sprites():
 
 
 def tiny_config(data, run_dir, **kw):
-    base = dict(data=str(data), run_dir=str(run_dir), max_steps=6, batch_size=4, channels="16,32", blocks=1,
-                log_every=2, val_every=3, sample_every=6, sample_steps=2, warmup=2, bf16=False)  # no probe: runs compare bit for bit
+    base = dict(
+        data=str(data), run_dir=str(run_dir), max_steps=6, batch_size=4, channels="16,32",
+        blocks=1, log_every=2, val_every=3, sample_every=6, sample_steps=2, warmup=2,
+        bf16=False,  # no probe: runs compare bit for bit
+    )
     base.update(kw)
     return sf.TrainConfig(**base)
 
@@ -590,18 +644,26 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     """Stop at step 3, resume to step 6: model, EMA, guide and optimizer state equal those of
     a run that went straight to step 6 (RNG, LR schedule and step count are all restored)."""
     data = write_sprites(tmp_path / "d", 6)
-    straight = sf.train(tiny_config(data, tmp_path / "a", guide_fraction=0.5))  # the guide snapshot at step 4
-    assert sf.train(tiny_config(data, tmp_path / "b", guide_fraction=0.5), stop_after=3) == tmp_path / "b"
+    # the guide snapshot at step 4
+    straight = sf.train(tiny_config(data, tmp_path / "a", guide_fraction=0.5))
+    assert (
+        sf.train(tiny_config(data, tmp_path / "b", guide_fraction=0.5), stop_after=3)
+        == tmp_path / "b"
+    )
     assert (tmp_path / "b" / "lock").exists() and not list((tmp_path / "b").glob("*.tmp"))
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
-    resumed = sf.train(tiny_config(data, tmp_path / "b", resume=True))  # the budget and recipe come from the checkpoint
+    # the budget and recipe come from the checkpoint
+    resumed = sf.train(tiny_config(data, tmp_path / "b", resume=True))
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(resumed / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
     assert_same_training_state(a, b)
     assert all(torch.equal(a["guide"][name], b["guide"][name]) for name in a["guide"])
     rows = (tmp_path / "b" / "training_log.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("step,epoch,loss,lr,grad_norm,img_per_s,val_loss,loss_t0") and rows[0].endswith(",minutes,skipped")
+    assert (
+        rows[0].startswith("step,epoch,loss,lr,grad_norm,img_per_s,val_loss,loss_t0")
+        and rows[0].endswith(",minutes,skipped")
+    )
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "3", "4", "6"]
 
 
@@ -619,7 +681,8 @@ def test_a_longer_budget_on_resume_continues_the_same_lr_schedule(tmp_path):
     assert a["step"] == b["step"] == 12
     assert_same_training_state(a, b)
     rows = list(csv.DictReader(open(resumed / "training_log.csv")))
-    lrs = [float(r["lr"]) for r in rows]  # each row's LR is that of its last step, step - 1 counted from 0
+    # each row's LR is that of its last step, step - 1 counted from 0
+    lrs = [float(r["lr"]) for r in rows]
     assert lrs == [pytest.approx(sf.lr_at(int(r["step"]) - 1, 1e-3, 4)) for r in rows]
     assert lrs[:3] == [5e-4, 7.5e-4, 1e-3] and set(lrs[2:]) == {1e-3}  # warm-up, then constant
 
@@ -629,19 +692,31 @@ def test_progress_eta_uses_this_sessions_pace_and_the_time_limit():
     900 steps, 9 minutes, left, not the 0.8 minutes that dividing by all 1,100 steps would
     claim; a 3-minute budget with 1 minute used caps the estimate at the 2 minutes left."""
     assert sf.progress_text(1100, 1.0, 0.01, sf.TrainConfig(max_steps=2000)).endswith("eta 9 min)")
-    assert sf.progress_text(1100, 1.0, 0.01, sf.TrainConfig(max_steps=2000, max_minutes=3)).endswith("eta 2 min)")
+    assert sf.progress_text(
+        1100, 1.0, 0.01, sf.TrainConfig(max_steps=2000, max_minutes=3)
+    ).endswith("eta 2 min)")
 
 
 def test_seed_makes_runs_reproducible_and_checkpoints_load_safely(tmp_path):
     """Two runs with one seed give identical weights; checkpoints load with weights_only=True
     and hold model, EMA (one state dict), optimizer, step, RNG state and config."""
     data = write_sprites(tmp_path / "d", 5)
-    a = torch.load(sf.train(tiny_config(data, tmp_path / "a", max_steps=3)) / "last.pt", weights_only=True)
-    b = torch.load(sf.train(tiny_config(data, tmp_path / "b", max_steps=3)) / "last.pt", weights_only=True)
-    assert set(a) >= {"model", "ema", "optimizer", "step", "rng", "config", "best_val", "seconds", "grid", "fingerprint"}
+    a = torch.load(
+        sf.train(tiny_config(data, tmp_path / "a", max_steps=3)) / "last.pt", weights_only=True
+    )
+    b = torch.load(
+        sf.train(tiny_config(data, tmp_path / "b", max_steps=3)) / "last.pt", weights_only=True
+    )
+    assert set(a) >= {
+        "model", "ema", "optimizer", "step", "rng", "config", "best_val", "seconds", "grid",
+        "fingerprint",
+    }
     assert a["ema"].keys() == a["model"].keys()
     assert_same_training_state(a, b)
-    assert (tmp_path / "a" / "best.pt").exists() and list((tmp_path / "a" / "samples").glob("*.png")) == []
+    assert (
+        (tmp_path / "a" / "best.pt").exists()
+        and list((tmp_path / "a" / "samples").glob("*.png")) == []
+    )
 
 
 def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -662,8 +737,10 @@ def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_previous_one(tmp_p
     with pytest.raises(sf.UserError) as e:
         sf.train(tiny_config(data, tmp_path / "r"))
     assert writes == ["last.pt.tmp", "best.pt.tmp", "last.pt.tmp"]
-    assert str(e.value) == (f"cannot write checkpoint '{tmp_path / 'r' / 'last.pt'}' (the disk may be full); "
-                            "the previous checkpoint, if any, is unchanged")
+    assert str(e.value) == (
+        f"cannot write checkpoint '{tmp_path / 'r' / 'last.pt'}' (the disk may be full); "
+        "the previous checkpoint, if any, is unchanged"
+    )
     assert not list((tmp_path / "r").glob("*.tmp"))
     assert sf.read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 3
 
@@ -675,18 +752,24 @@ def test_resume_takes_best_pt_when_it_is_all_that_is_left(tmp_path, capsys):
     (run / "last.pt").unlink()
     capsys.readouterr()
     sf.train(tiny_config(data, run, resume=True))
-    assert "resuming from best.pt (step 3), the newest complete checkpoint" in capsys.readouterr().err
+    assert (
+        "resuming from best.pt (step 3), the newest complete checkpoint"
+        in capsys.readouterr().err
+    )
     assert sf.read_checkpoint(run / "last.pt")["step"] == 6
 
 
 def run_cli(*args, cwd, timeout=120, **kw):
     env = dict(os.environ, PYTHONWARNINGS="default", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "spriteflow.py"), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "spriteflow.py"), *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kw
+    )
 
 
 def run_main(monkeypatch, capsys, *args):
-    """spriteflow.main in this process, which is quicker than a subprocess: (status, stdout, stderr)."""
+    """spriteflow.main in this process, which is quicker than a subprocess: (status, stdout,
+    stderr)."""
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() replaces it
     capsys.readouterr()
     status = sf.main([str(a) for a in args])
@@ -699,23 +782,33 @@ def test_cli_trains_then_samples_and_plots_the_log(tmp_path):
     with no checkpoint option finds the newest under runs/ and writes 128x128 RGBA sprites, a
     sheet and a trajectory, and names them all."""
     write_sprites(tmp_path / "imgs", 6)
-    r = run_cli("train", "--data", "imgs", "--max-steps", "4", "--batch-size", "2", "--channels", "16,32",
-                "--blocks", "1", "--log-every", "2", "--val-every", "2", "--sample-every", "4", "--sample-steps", "2", cwd=tmp_path)
+    r = run_cli(
+        "train", "--data", "imgs", "--max-steps", "4", "--batch-size", "2", "--channels", "16,32",
+        "--blocks", "1", "--log-every", "2", "--val-every", "2", "--sample-every", "4",
+        "--sample-steps", "2", cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     run = next((tmp_path / "runs").iterdir())
-    assert {"last.pt", "best.pt", "training_log.csv", "training_log.png", "samples"} <= {p.name for p in run.iterdir()}
+    assert {"last.pt", "best.pt", "training_log.csv", "training_log.png", "samples"} <= {
+        p.name for p in run.iterdir()
+    }
     with Image.open(run / "training_log.png") as im:
         assert im.size == (900, 560)
     assert (run / "samples" / "step_0000004.png").exists() and "step 4 " in r.stderr
     r = run_cli("sample", "--n", "3", "--steps", "2", "--out", "out", "--trajectory", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("wrote 3 sprites, grid.png, sheet.png, sheet.json, trajectory.gif, trajectory.png (multistep, 2 steps")
+    assert r.stdout.startswith(
+        "wrote 3 sprites, grid.png, sheet.png, sheet.json, trajectory.gif, trajectory.png"
+        " (multistep, 2 steps"
+    )
     sprites = sorted((tmp_path / "out").glob("sprite_*.png"))
     assert len(sprites) == 3
     with Image.open(sprites[0]) as im:
         assert im.size == (128, 128) and im.mode == "RGBA"
         assert set(np.unique(np.array(im)[..., 3])) <= {0, 255}
-    assert {"grid.png", "sheet.png", "sheet.json", "trajectory.gif", "trajectory.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"grid.png", "sheet.png", "sheet.json", "trajectory.gif", "trajectory.png"} <= {
+        p.name for p in (tmp_path / "out").iterdir()
+    }
 
 
 def test_pixel_art_stats_count_flat_blocks_and_colours():
@@ -727,27 +820,47 @@ def test_pixel_art_stats_count_flat_blocks_and_colours():
     assert fid.pixel_art_stats(img) == {"flatness": round(104 / 112, 3), "colours": 2.0}
     img[:, :4, :, 3] = 0  # a transparent top row of blocks changes nothing but the counts
     assert fid.pixel_art_stats(img) == {"flatness": round(90 / 97, 3), "colours": 2.0}
-    speckle = torch.randint(0, 256, (1, 8, 8, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    speckle = torch.randint(
+        0, 256, (1, 8, 8, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     speckle[..., 3] = 255
-    assert fid.pixel_art_stats(speckle.repeat_interleave(4, 1).repeat_interleave(4, 2))["flatness"] < 0.2
+    assert (
+        fid.pixel_art_stats(speckle.repeat_interleave(4, 1).repeat_interleave(4, 2))["flatness"]
+        < 0.2
+    )
 
 
 def test_bench_ends_with_one_json_line(tmp_path):
     """`spriteflow.py bench` times the default model, its sampling and its full-resolution
     twin; the last line of its output is one JSON object with the keys the README documents
     (no speed is asserted)."""
-    r = run_cli("bench", "--steps", "1", "--batch-size", "2", "--device", "cpu", cwd=tmp_path, timeout=300)
+    r = run_cli(
+        "bench", "--steps", "1", "--batch-size", "2", "--device", "cpu", cwd=tmp_path, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    speeds = {"train_img_s_fp32", "sample_img_s_fp32_multistep20", "sample_img_s_fp32_heun20", "full_res_train_img_s"}
-    assert speeds | {"machine", "device", "threads", "peak_mem_mb", "bf16_chosen", "bf16_why"} <= result.keys()
+    speeds = {
+        "train_img_s_fp32",
+        "sample_img_s_fp32_multistep20",
+        "sample_img_s_fp32_heun20",
+        "full_res_train_img_s",
+    }
+    assert (
+        speeds | {"machine", "device", "threads", "peak_mem_mb", "bf16_chosen", "bf16_why"}
+        <= result.keys()
+    )
     assert result["device"] == "cpu" and min(result[k] for k in speeds) > 0
     assert "fp32:" in r.stderr and "full resolution" in r.stderr
 
 
-@pytest.mark.parametrize("case", ["missing folder", "empty folder", "missing checkpoint", "corrupt checkpoint",
-                                  "checkpoint is a folder", "no runs", "bad value", "bad sample value", "bad choice",
-                                  "unknown flag", "existing run", "one frame", "removed flag"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing folder", "empty folder", "missing checkpoint", "corrupt checkpoint",
+        "checkpoint is a folder", "no runs", "bad value", "bad sample value", "bad choice",
+        "unknown flag", "existing run", "one frame", "removed flag",
+    ],
+)
 def test_bad_input_is_one_clear_sentence(tmp_path, case):
     """Each bad input ends with exit 2 and a one-line message, never a traceback; an
     existing run's checkpoint is left untouched."""
@@ -756,15 +869,21 @@ def test_bad_input_is_one_clear_sentence(tmp_path, case):
     (tmp_path / "bad.pt").write_bytes(b"\x00 not a checkpoint")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes(b"precious")
-    args = {"missing folder": ["train", "--data", "nope"], "empty folder": ["train", "--data", "empty"],
-            "missing checkpoint": ["sample", "--checkpoint", "gone.pt"], "corrupt checkpoint": ["sample", "--checkpoint", "bad.pt"],
-            "checkpoint is a folder": ["sample", "--checkpoint", "run"],
-            "no runs": ["sample"], "bad value": ["train", "--data", "imgs", "--lr", "-1"],
-            "bad sample value": ["sample", "--checkpoint", "bad.pt", "--steps", "0"],
-            "bad choice": ["sample", "--checkpoint", "bad.pt", "--sampler", "rk4"], "unknown flag": ["train", "--wat"],
-            "existing run": ["train", "--data", "imgs", "--run-dir", "run"],
-            "one frame": ["interpolate", "1", "2", "--checkpoint", "bad.pt", "--frames", "1"],
-            "removed flag": ["sample", "--checkpoint", "bad.pt", "--ema", "0.05"]}[case]
+    args = {
+        "missing folder": ["train", "--data", "nope"],
+        "empty folder": ["train", "--data", "empty"],
+        "missing checkpoint": ["sample", "--checkpoint", "gone.pt"],
+        "corrupt checkpoint": ["sample", "--checkpoint", "bad.pt"],
+        "checkpoint is a folder": ["sample", "--checkpoint", "run"],
+        "no runs": ["sample"],
+        "bad value": ["train", "--data", "imgs", "--lr", "-1"],
+        "bad sample value": ["sample", "--checkpoint", "bad.pt", "--steps", "0"],
+        "bad choice": ["sample", "--checkpoint", "bad.pt", "--sampler", "rk4"],
+        "unknown flag": ["train", "--wat"],
+        "existing run": ["train", "--data", "imgs", "--run-dir", "run"],
+        "one frame": ["interpolate", "1", "2", "--checkpoint", "bad.pt", "--frames", "1"],
+        "removed flag": ["sample", "--checkpoint", "bad.pt", "--ema", "0.05"],
+    }[case]
     r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip()
@@ -787,10 +906,18 @@ def test_corrupt_checkpoint_on_resume_is_refused_and_kept(tmp_path):
 def train_in_background(tmp_path, *extra):
     """A CLI training run in a subprocess, read until its third step is logged."""
     write_sprites(tmp_path / "imgs", 4)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "spriteflow.py"), "train", "--data", "imgs", "--run-dir", "r",
-                             "--batch-size", "2", "--channels", "16,32", "--blocks", "1", "--log-every", "1",
-                             "--val-every", "100000", "--sample-every", "100000", "--no-bf16", *extra],
-                            cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        [
+            sys.executable, str(ROOT / "spriteflow.py"), "train", "--data", "imgs",
+            "--run-dir", "r", "--batch-size", "2", "--channels", "16,32", "--blocks", "1",
+            "--log-every", "1", "--val-every", "100000", "--sample-every", "100000",
+            "--no-bf16", *extra,
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -810,11 +937,17 @@ def test_a_signal_saves_a_checkpoint_and_exits_128_plus_its_number(tmp_path, sig
     rest = proc.communicate(timeout=120)[1]
     name = signal.Signals(signum).name
     assert proc.returncode == 128 + signum, rest
-    assert "interrupted at step" in rest and f"stopped by {name}; saved" in rest and "Traceback" not in rest
+    assert (
+        "interrupted at step" in rest
+        and f"stopped by {name}; saved" in rest
+        and "Traceback" not in rest
+    )
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] >= 3
 
 
-def test_a_signal_during_start_up_ends_there_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+def test_a_signal_during_start_up_ends_there_and_leaves_no_run_folder(
+    tmp_path, monkeypatch, capsys
+):
     """SIGTERM while the run is still starting (here: as the model is being wrapped, the last
     step before training) stops it in one line with exit 143, and the run folder it had made
     is removed again, since nothing was written to it."""
@@ -822,12 +955,15 @@ def test_a_signal_during_start_up_ends_there_and_leaves_no_run_folder(tmp_path, 
     real_wrap = sf.wrap
 
     def wrap_then_sigterm(*args):
-        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the handler, as the OS would call it
+        # the handler, as the OS would call it
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
         return real_wrap(*args)
 
     monkeypatch.setattr(sf, "wrap", wrap_then_sigterm)
-    status, _, err = run_main(monkeypatch, capsys, "train", "--data", data, "--run-dir", tmp_path / "r",
-                              "--channels", "16,32", "--blocks", "1", "--max-steps", "2", "--no-bf16")
+    status, _, err = run_main(
+        monkeypatch, capsys, "train", "--data", data, "--run-dir", tmp_path / "r",
+        "--channels", "16,32", "--blocks", "1", "--max-steps", "2", "--no-bf16",
+    )
     assert status == 143 and err.strip() == "stopped by SIGTERM; nothing was written"
     assert not (tmp_path / "r").exists()
     with pytest.raises(sf.Interrupted) as e:
@@ -840,14 +976,20 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
     both end with identical weights (checked in-process by an all-reduce max == min)."""
     write_sprites(tmp_path / "imgs", 8)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "spriteflow.py"), "train", "--data", "imgs", "--run-dir", "r", "--max-steps", "3",
-                        "--batch-size", "2", "--channels", "16,32", "--blocks", "1", "--log-every", "1", "--val-every", "3",
-                        "--sample-every", "100"], cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(ROOT / "spriteflow.py"), "train", "--data", "imgs", "--run-dir", "r",
+            "--max-steps", "3", "--batch-size", "2", "--channels", "16,32", "--blocks", "1",
+            "--log-every", "1", "--val-every", "3", "--sample-every", "100",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "weights identical across 2 processes" in r.stderr
     assert "x2" in r.stderr and (tmp_path / "r" / "last.pt").exists()
-    assert len((tmp_path / "r" / "training_log.csv").read_text().strip().splitlines()) == 4  # rank 0 alone logs
+    # rank 0 alone logs
+    assert len((tmp_path / "r" / "training_log.csv").read_text().strip().splitlines()) == 4
 
 
 def test_generate_is_seeded_and_binary_alpha():
@@ -924,7 +1066,11 @@ def test_classes_come_from_subfolders_and_flat_folders_have_none(tmp_path):
     write_sprites(tmp_path / "d" / "slime", 2)
     write_sprites(tmp_path / "d" / "knight", 3, seed=5)
     x, names, classes, y = sf.load_folder(tmp_path / "d")
-    assert classes == ["knight", "slime"] and y.tolist() == [0, 0, 0, 1, 1] and names[0].startswith("knight/")
+    assert (
+        classes == ["knight", "slime"]
+        and y.tolist() == [0, 0, 0, 1, 1]
+        and names[0].startswith("knight/")
+    )
     assert sf.load_folder(tmp_path / "d", labels=False)[2] == []
     write_sprites(tmp_path / "d", 1, seed=9)
     with pytest.warns(UserWarning, match="outside the class folders"):
@@ -934,7 +1080,9 @@ def test_classes_come_from_subfolders_and_flat_folders_have_none(tmp_path):
 def test_label_dropout_rate_matches_p():
     """drop_labels replaces each label by the "no class" index with probability p."""
     c = torch.zeros(200_000, dtype=torch.long)
-    dropped = (sf.drop_labels(c, 0.1, 7, torch.Generator().manual_seed(0)) == 7).float().mean().item()
+    dropped = (
+        (sf.drop_labels(c, 0.1, 7, torch.Generator().manual_seed(0)) == 7).float().mean().item()
+    )
     assert abs(dropped - 0.1) < 4 * math.sqrt(0.1 * 0.9 / len(c))
 
 
@@ -966,11 +1114,14 @@ def test_guidance_weight_one_is_the_conditional_model_and_zero_the_weak_one():
     x, t, c = torch.randn(2, 4, 128, 128), torch.full((2,), 0.4), torch.tensor([0, 2])
     with torch.no_grad():
         assert torch.equal(sf.guided_clean(model, c, 1.0)(x, t), model.clean(x, t, c))
-        assert torch.allclose(sf.guided_clean(model, c, 0.0)(x, t), model.clean(x, t, None).clamp(-1, 1), atol=1e-5)
+        assert torch.allclose(
+            sf.guided_clean(model, c, 0.0)(x, t), model.clean(x, t, None).clamp(-1, 1), atol=1e-5
+        )
         plain = sf.UNet((16, 32), 1, 4)
         main = perturbed(plain)
         z_main, z_guide = main.clean(x, t), guide.clean(x, t)
-        grey = (z_main - z_guide)[:, :3].mean(1, keepdim=True)  # autoguidance moves luminance and alpha only
+        # autoguidance moves luminance and alpha only
+        grey = (z_main - z_guide)[:, :3].mean(1, keepdim=True)
         expected = torch.cat([z_main[:, :3] - grey, z_guide[:, 3:]], 1).clamp(-1, 1)
         assert torch.allclose(sf.guided_clean(main, None, 0.0, guide)(x, t), expected, atol=1e-6)
         two = sf.guided_clean(model, c, 2.0)(x, t)
@@ -984,7 +1135,9 @@ def class_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("classes")
     write_sprites(tmp / "d" / "knight", 4)
     write_sprites(tmp / "d" / "slime", 4, seed=20)
-    run = sf.train(tiny_config(tmp / "d", tmp / "run", max_steps=10, val_every=5, sample_every=100, lr=3e-3))
+    run = sf.train(
+        tiny_config(tmp / "d", tmp / "run", max_steps=10, val_every=5, sample_every=100, lr=3e-3)
+    )
     return tmp, run / "last.pt"
 
 
@@ -1010,7 +1163,10 @@ def test_sample_by_class_writes_rows_and_a_sheet_that_slices_back(class_run):
     frames of sheet.json gives back exactly the sprite files, with their classes. An unknown
     class is one sentence and leaves no empty output folder behind."""
     tmp, ckpt = class_run
-    r = run_cli("sample", "--checkpoint", ckpt, "--n", "4", "--steps", "2", "--class", "slime,knight", "--out", "s", "--native", cwd=tmp)
+    r = run_cli(
+        "sample", "--checkpoint", ckpt, "--n", "4", "--steps", "2", "--class", "slime,knight",
+        "--out", "s", "--native", cwd=tmp,
+    )
     assert r.returncode == 0, r.stderr
     assert "guidance 2 (classifier-free)" in r.stdout
     meta = json.loads((tmp / "s" / "sheet.json").read_text())
@@ -1021,11 +1177,19 @@ def test_sample_by_class_writes_rows_and_a_sheet_that_slices_back(class_run):
     assert im.mode == "RGBA"
     for f in meta["frames"]:
         x, y, w, h = (f["frame"][k] for k in "xywh")
-        assert np.array_equal(sheet[y:y + h, x:x + w], np.array(Image.open(tmp / "s" / f["filename"])))
+        assert np.array_equal(
+            sheet[y:y + h, x:x + w], np.array(Image.open(tmp / "s" / f["filename"]))
+        )
     with Image.open(tmp / "s" / "native" / "sprite_000.png") as im:
         assert im.size == (16, 16)  # 128 / grid 8
-    r = run_cli("sample", "--checkpoint", ckpt, "--n", "2", "--steps", "2", "--class", "dragon", "--out", "dragons", cwd=tmp)
-    assert r.returncode == 2 and r.stderr.strip() == "error: unknown class 'dragon'; this checkpoint knows knight, slime"
+    r = run_cli(
+        "sample", "--checkpoint", ckpt, "--n", "2", "--steps", "2", "--class", "dragon",
+        "--out", "dragons", cwd=tmp,
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == "error: unknown class 'dragon'; this checkpoint knows knight, slime"
+    )
     assert not (tmp / "dragons").exists()
 
 
@@ -1034,28 +1198,47 @@ def test_sample_never_overwrites_an_output_folder(class_run):
     folder that cannot be created is one sentence."""
     tmp, ckpt = class_run
     for _ in range(2):
-        assert run_cli("sample", "--checkpoint", ckpt, "--n", "1", "--steps", "1", "--out", "s2", cwd=tmp).returncode == 0
+        assert run_cli(
+            "sample", "--checkpoint", ckpt, "--n", "1", "--steps", "1", "--out", "s2", cwd=tmp
+        ).returncode == 0
     assert (tmp / "s2" / "sprite_000.png").exists() and (tmp / "s2-2" / "sprite_000.png").exists()
     (tmp / "afile").write_text("a file, not a folder")
-    r = run_cli("sample", "--checkpoint", ckpt, "--n", "1", "--steps", "1", "--out", "afile/out", cwd=tmp)
-    assert r.returncode == 2 and r.stderr.startswith("error: cannot write to") and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(
+        "sample", "--checkpoint", ckpt, "--n", "1", "--steps", "1", "--out", "afile/out", cwd=tmp
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr.startswith("error: cannot write to")
+        and len(r.stderr.strip().splitlines()) == 1
+    )
 
 
-def test_sample_with_guidance_1_says_none_and_a_missing_mask_is_named(class_run, tmp_path, monkeypatch, capsys):
+def test_sample_with_guidance_1_says_none_and_a_missing_mask_is_named(
+    class_run, tmp_path, monkeypatch, capsys
+):
     """`--guidance 1` is labelled "(none)" in the summary; `--edit` with a --mask file that
     does not exist names the file, and leaves no empty output folder."""
     tmp, ckpt = class_run
-    status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", ckpt, "--n", "1", "--steps", "1",
-                                "--guidance", "1", "--out", tmp_path / "g", "--no-bf16")
+    status, out, err = run_main(
+        monkeypatch, capsys, "sample", "--checkpoint", ckpt, "--n", "1", "--steps", "1",
+        "--guidance", "1", "--out", tmp_path / "g", "--no-bf16",
+    )
     assert status == 0 and "guidance 1 (none)" in out, err
     sprite = first_sprite(tmp / "d" / "knight")
-    status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", ckpt, "--edit", sprite,
-                                "--mask", tmp_path / "nope.png", "--out", tmp_path / "e")
-    assert status == 2 and err.strip() == f"error: mask file '{tmp_path / 'nope.png'}' does not exist"
+    status, out, err = run_main(
+        monkeypatch, capsys, "sample", "--checkpoint", ckpt, "--edit", sprite,
+        "--mask", tmp_path / "nope.png", "--out", tmp_path / "e",
+    )
+    assert (
+        status == 2
+        and err.strip() == f"error: mask file '{tmp_path / 'nope.png'}' does not exist"
+    )
     assert not (tmp_path / "e").exists()
 
 
-def test_sampling_onto_a_full_disk_is_one_sentence_and_leaves_no_empty_files(class_run, tmp_path, monkeypatch, capsys):
+def test_sampling_onto_a_full_disk_is_one_sentence_and_leaves_no_empty_files(
+    class_run, tmp_path, monkeypatch, capsys
+):
     """When the disk fills up as a sprite is written (the file exists, its bytes do not),
     sample ends with one sentence naming the file and the reason, and leaves no 0-byte
     sprite, no temporary file and no empty output folder."""
@@ -1064,10 +1247,14 @@ def test_sampling_onto_a_full_disk_is_one_sentence_and_leaves_no_empty_files(cla
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", full_disk)
-    status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", class_run[1], "--n", "2", "--steps", "1",
-                                "--out", tmp_path / "o", "--no-bf16")
-    assert status == 2 and err == (f"error: cannot write file '{tmp_path / 'o' / 'sprite_000.png'}' "
-                                    "(No space left on device)\n")
+    status, out, err = run_main(
+        monkeypatch, capsys, "sample", "--checkpoint", class_run[1], "--n", "2", "--steps", "1",
+        "--out", tmp_path / "o", "--no-bf16",
+    )
+    assert status == 2 and err == (
+        f"error: cannot write file '{tmp_path / 'o' / 'sprite_000.png'}' "
+        "(No space left on device)\n"
+    )
     assert list(tmp_path.rglob("*")) == []
 
 
@@ -1086,10 +1273,15 @@ def test_trajectory_shows_the_guided_guess_that_steered_the_solver(tmp_path):
     assert sheet.shape == (3 * 128, 4 * 128, 3)  # t_0, t_1, t_2; two states, then two guesses
     frames = [x0]
     sf.integrate(sf.guided_clean(model, labels, 2.0), x0, solver, model.schedule, frames)
-    shown = lambda z: np.array(sf.sprite_sheet(sf.to_uint8(z, binary_alpha=False), 2)).astype(int)  # noqa: E731
+    shown = lambda z: (  # noqa: E731
+        np.array(sf.sprite_sheet(sf.to_uint8(z, binary_alpha=False), 2)).astype(int)
+    )
     for row, (x, t) in enumerate(zip(frames, sf.time_grid(solver.steps))):
         with torch.no_grad():
-            conditional, unconditional = model.clean(x, sf.at(x, t), labels), model.clean(x, sf.at(x, t))
+            conditional, unconditional = (
+                model.clean(x, sf.at(x, t), labels),
+                model.clean(x, sf.at(x, t)),
+            )
         guesses = sheet[128 * row:128 * (row + 1), 256:]
         assert np.abs(guesses - shown((2 * conditional - unconditional).clamp(-1, 1))).max() <= 3
         assert np.abs(guesses - shown(conditional)).max() > 50
@@ -1100,7 +1292,10 @@ def test_old_checkpoints_are_refused_in_one_sentence(class_run, tmp_path):
     no pixel grid) is refused with one sentence, not a traceback."""
     ckpt = torch.load(class_run[1], weights_only=True)
     old = {k: ckpt[k] for k in ("model", "optimizer", "step", "best_val", "rng", "unshuffle")}
-    old.update(ema={"0.1": ckpt["ema"]}, config={**ckpt["config"], "ema_lengths": "0.1", "t_dist": "logit-normal"})
+    old.update(
+        ema={"0.1": ckpt["ema"]},
+        config={**ckpt["config"], "ema_lengths": "0.1", "t_dist": "logit-normal"},
+    )
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(sf.UserError, match="not a SpriteFlow checkpoint of this version"):
         sf.load_models(tmp_path / "old.pt")
@@ -1112,11 +1307,17 @@ def test_bf16_is_chosen_by_the_cpu_flags_and_a_probe(monkeypatch):
     model, cpu = tiny_unet(), torch.device("cpu")
     assert sf.decide_bf16(True, cpu, model) == (True, "as asked")
     monkeypatch.setattr(sf, "cpu_has_bf16", lambda: False)
-    monkeypatch.setattr(sf, "probe_ms", lambda *a: pytest.fail("no probe without bf16 instructions"))
+    monkeypatch.setattr(
+        sf, "probe_ms", lambda *a: pytest.fail("no probe without bf16 instructions")
+    )
     assert sf.decide_bf16(None, cpu, model)[0] is False
     monkeypatch.setattr(sf, "cpu_has_bf16", lambda: True)
     for fp32_ms, bf16_ms, chosen in [(100, 60, True), (100, 95, False)]:
-        monkeypatch.setattr(sf, "probe_ms", lambda m, d, bf16, backward, batch, a=fp32_ms, b=bf16_ms: b if bf16 else a)
+        monkeypatch.setattr(
+            sf,
+            "probe_ms",
+            lambda m, d, bf16, backward, batch, a=fp32_ms, b=bf16_ms: b if bf16 else a,
+        )
         assert sf.decide_bf16(None, cpu, model)[0] is chosen
 
 
@@ -1131,10 +1332,15 @@ def test_sample_decides_bf16_with_a_forward_only_probe(class_run, tmp_path, monk
 
     monkeypatch.setattr(sf, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(sf, "probe_ms", probe)
-    status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", class_run[1], "--n", "1", "--steps", "1",
-                                "--out", tmp_path / "o", "--device", "cpu")
+    status, out, err = run_main(
+        monkeypatch, capsys, "sample", "--checkpoint", class_run[1], "--n", "1", "--steps", "1",
+        "--out", tmp_path / "o", "--device", "cpu",
+    )
     assert status == 0, err
-    assert probes == [False, False] and "bf16 on (a probe forward pass took 50 ms in bf16, 100 ms in fp32)" in out
+    assert (
+        probes == [False, False]
+        and "bf16 on (a probe forward pass took 50 ms in bf16, 100 ms in fp32)" in out
+    )
 
 
 def test_a_time_budget_is_counted_across_resumes_at_a_constant_lr(tmp_path):
@@ -1146,7 +1352,11 @@ def test_a_time_budget_is_counted_across_resumes_at_a_constant_lr(tmp_path):
                              val_every=1000, lr=1e-3, warmup=1))  # full LR from step 1
     rows = list(csv.DictReader(open(run / "training_log.csv")))
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    assert ckpt["seconds"] >= 1.2 and float(rows[-1]["lr"]) == 1e-3 and float(rows[-1]["minutes"]) >= 0.02
+    assert (
+        ckpt["seconds"] >= 1.2
+        and float(rows[-1]["lr"]) == 1e-3
+        and float(rows[-1]["minutes"]) >= 0.02
+    )
     sf.train(tiny_config(data, tmp_path / "r", resume=True, max_steps=0))
     assert torch.load(run / "last.pt", weights_only=True)["step"] == ckpt["step"]
 
@@ -1191,8 +1401,14 @@ def test_divergence_stops_without_saving_non_finite_weights(tmp_path):
     last good checkpoint and a lower --lr, and no checkpoint holds non-finite weights;
     sample refuses a checkpoint that does."""
     data = write_sprites(tmp_path / "d", 4)
-    with pytest.raises(sf.UserError, match=r"diverged at step .*last good checkpoint is .*last.pt .*lower --lr"):
-        sf.train(tiny_config(data, tmp_path / "r", max_steps=60, val_every=1, lr=300, grad_clip=1e9, warmup=50))
+    with pytest.raises(
+        sf.UserError, match=r"diverged at step .*last good checkpoint is .*last.pt .*lower --lr"
+    ):
+        sf.train(
+            tiny_config(
+                data, tmp_path / "r", max_steps=60, val_every=1, lr=300, grad_clip=1e9, warmup=50
+            )
+        )
     ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for sd in [ckpt["model"], ckpt["ema"]] for v in sd.values())
     for v in ckpt["ema"].values():
@@ -1209,7 +1425,9 @@ def test_one_trainer_per_run_folder(tmp_path):
     proc, _ = train_in_background(tmp_path, "--max-steps", "100000")
     try:
         r = run_cli("train", "--data", "imgs", "--run-dir", "r", "--resume", cwd=tmp_path)
-        assert r.returncode == 2 and "is being written by another training process" in r.stderr, r.stderr
+        assert (
+            r.returncode == 2 and "is being written by another training process" in r.stderr
+        ), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     finally:
         proc.kill()
@@ -1217,7 +1435,11 @@ def test_one_trainer_per_run_folder(tmp_path):
     (tmp_path / "r" / "last.pt.tmp").write_bytes(b"")  # as if killed mid-save
     folder, fd, created = sf.claim_run_dir(sf.TrainConfig(run_dir=str(tmp_path / "r")))
     os.close(fd)
-    assert folder == tmp_path / "r" and not created and not (tmp_path / "r" / "last.pt.tmp").exists()
+    assert (
+        folder == tmp_path / "r"
+        and not created
+        and not (tmp_path / "r" / "last.pt.tmp").exists()
+    )
 
 
 def test_resume_remembers_its_data_and_refuses_other_data(tmp_path):
@@ -1231,11 +1453,16 @@ def test_resume_remembers_its_data_and_refuses_other_data(tmp_path):
         sf.train(tiny_config(other, tmp_path / "r", resume=True, max_steps=6))
     sf.train(sf.TrainConfig(run_dir=str(tmp_path / "r"), resume=True, max_steps=6))
     steps = [r["step"] for r in csv.DictReader(open(tmp_path / "r" / "training_log.csv"))]
-    assert steps == sorted(set(steps), key=int) and "junk" not in (tmp_path / "r" / "training_log.csv").read_text()
+    assert (
+        steps == sorted(set(steps), key=int)
+        and "junk" not in (tmp_path / "r" / "training_log.csv").read_text()
+    )
     write_sprites(data, 5)
     with pytest.raises(sf.UserError, match="changed since this run started"):
         sf.train(sf.TrainConfig(run_dir=str(tmp_path / "r"), resume=True, max_steps=8))
-    sf.train(sf.TrainConfig(run_dir=str(tmp_path / "r"), resume=True, max_steps=8, allow_new_data=True))
+    sf.train(
+        sf.TrainConfig(run_dir=str(tmp_path / "r"), resume=True, max_steps=8, allow_new_data=True)
+    )
 
 
 def test_loader_scales_16_bit_warns_about_skipped_and_empty_files(tmp_path, monkeypatch):
@@ -1251,22 +1478,36 @@ def test_loader_scales_16_bit_warns_about_skipped_and_empty_files(tmp_path, monk
         warnings.simplefilter("always")
         sf.load_folder(tmp_path)
     text = [str(w.message) for w in caught]
-    assert any("skipped 2 .jpg file(s)" in m and "JPEG" in m for m in text) and any("skipped 1 .txt" in m for m in text)
+    assert (
+        any("skipped 2 .jpg file(s)" in m and "JPEG" in m for m in text)
+        and any("skipped 1 .txt" in m for m in text)
+    )
     assert any("sliver.png" in m and "nearly empty" in m for m in text)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.warns(UserWarning, match="grey16.png"):
         sf.load_rgba(tmp_path / "grey16.png")
 
 
-@pytest.mark.parametrize("args", [["train", "--data", "imgs", "--run-dir", "afile/run"], ["train", "--data", "imgs", "--lr", "nan"],
-                                  ["sample", "--checkpoint", "x.pt", "--guidance", "nan"], ["sample", "--checkpoint", "x.pt", "--sigma", "-1"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--data", "imgs", "--run-dir", "afile/run"],
+        ["train", "--data", "imgs", "--lr", "nan"],
+        ["sample", "--checkpoint", "x.pt", "--guidance", "nan"],
+        ["sample", "--checkpoint", "x.pt", "--sigma", "-1"],
+    ],
+)
 def test_filesystem_errors_and_non_finite_flags_are_one_sentence(tmp_path, args):
     """An uncreatable run folder, and NaN or negative numbers, end in one `error:` line and
     exit 2, before any data is loaded."""
     write_sprites(tmp_path / "imgs", 2)
     (tmp_path / "afile").write_text("a file, not a folder")
     r = run_cli(*args, cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (
+        r.returncode == 2
+        and r.stderr.startswith("error: ")
+        and len(r.stderr.strip().splitlines()) == 1
+    ), r.stderr
 
 
 def test_log_plot_handles_short_and_empty_logs_and_help_says_defaults_once(tmp_path):
@@ -1282,7 +1523,10 @@ def test_log_plot_handles_short_and_empty_logs_and_help_says_defaults_once(tmp_p
     assert not (tmp_path / "training_log.png").exists()
     for command in ("train", "sample"):
         text = run_cli(command, "--help", cwd=tmp_path).stdout
-        assert "(default: )" not in text and not any(line.count("default") > 1 for line in text.split("\n  -"))
+        assert (
+            "(default: )" not in text
+            and not any(line.count("default") > 1 for line in text.split("\n  -"))
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -1296,16 +1540,24 @@ def test_inversion_then_generation_returns_the_point_for_the_exact_flow(name):
     noise and the forward pass maps it back: the round trip is exact up to the solver."""
     x1 = MU + S * noise(2000, seed=3)
     x0 = sf.invert(gaussian_velocity(name), x1, 100)
-    assert torch.allclose(x0.std(0), torch.ones(2, dtype=torch.float64), atol=0.08)  # it is N(0, I) noise
+    # it is N(0, I) noise
+    assert torch.allclose(x0.std(0), torch.ones(2, dtype=torch.float64), atol=0.08)
     assert (sf.sample_heun(gaussian_velocity(name), x0, 100) - x1).abs().max() < 1e-4
 
 
 def test_inversion_round_trip_of_a_trained_model_is_close(class_run):
-    """`invert` on a (tiny, briefly trained) model reconstructs the sprite loosely and says how well."""
+    """`invert` on a (tiny, briefly trained) model reconstructs the sprite loosely and says how
+    well."""
     tmp, ckpt = class_run
-    r = run_cli("invert", first_sprite(tmp / "d" / "slime"), "--checkpoint", ckpt, "--steps", "10", cwd=tmp)
+    r = run_cli(
+        "invert", first_sprite(tmp / "d" / "slime"), "--checkpoint", ckpt, "--steps", "10",
+        cwd=tmp,
+    )
     assert r.returncode == 0, r.stderr
-    assert float(r.stdout.split("RMS error ")[1].split()[0]) < 0.5 and (tmp / "invert" / "roundtrip.png").exists()
+    assert (
+        float(r.stdout.split("RMS error ")[1].split()[0]) < 0.5
+        and (tmp / "invert" / "roundtrip.png").exists()
+    )
 
 
 @given(seeds, st.floats(0.0, 1.0))
@@ -1315,13 +1567,19 @@ def test_slerp_keeps_gaussian_norms(seed, s):
     a, b = tensors(seed, (1, 4, 16, 16)), tensors(seed + 1, (1, 4, 16, 16))
     mid = sf.slerp(a, b, s)
     assert torch.allclose(mid.norm(), (1 - s) * a.norm() + s * b.norm(), rtol=1e-6)
-    assert torch.allclose(sf.slerp(a, b, 0.0), a, atol=1e-9) and torch.allclose(sf.slerp(a, b, 1.0), b, atol=1e-9)
+    assert (
+        torch.allclose(sf.slerp(a, b, 0.0), a, atol=1e-9)
+        and torch.allclose(sf.slerp(a, b, 1.0), b, atol=1e-9)
+    )
 
 
 def test_interpolate_writes_a_gif_and_a_strip(class_run):
     """`interpolate SEED SPRITE` morphs between a seed's noise and a sprite's inverted noise."""
     tmp, ckpt = class_run
-    r = run_cli("interpolate", "3", first_sprite(tmp / "d" / "knight"), "--checkpoint", ckpt, "--steps", "2", "--frames", "3", cwd=tmp)
+    r = run_cli(
+        "interpolate", "3", first_sprite(tmp / "d" / "knight"), "--checkpoint", ckpt,
+        "--steps", "2", "--frames", "3", cwd=tmp,
+    )
     assert r.returncode == 0, r.stderr
     with Image.open(tmp / "interpolate" / "strip.png") as im:
         assert im.size == (3 * 128, 128)
@@ -1337,8 +1595,10 @@ def test_edit_leaves_unmasked_pixels_exactly_unchanged(class_run):
     mask = np.zeros((128, 128, 4), np.uint8)
     mask[:48, 32:96] = 255
     Image.fromarray(mask).save(tmp / "mask.png")
-    r = run_cli("sample", "--checkpoint", ckpt, "--edit", sprite, "--mask", "mask.png", "--n", "2", "--steps", "3",
-                "--class", "knight", "--out", "e", cwd=tmp)
+    r = run_cli(
+        "sample", "--checkpoint", ckpt, "--edit", sprite, "--mask", "mask.png", "--n", "2",
+        "--steps", "3", "--class", "knight", "--out", "e", cwd=tmp,
+    )
     assert r.returncode == 0, r.stderr
     original = sf.load_rgba(sprite)
     keep = mask[..., 3] == 0
@@ -1346,8 +1606,11 @@ def test_edit_leaves_unmasked_pixels_exactly_unchanged(class_run):
         edited = np.array(Image.open(tmp / "e" / f"sprite_{k:03d}.png"))
         assert np.array_equal(edited[keep], original[keep])
     frames = json.loads((tmp / "e" / "sheet.json").read_text())["frames"]
-    assert [(f["filename"], f["class"]) for f in frames] == [("sprite_000.png", "original"), ("sprite_001.png", "knight"),
-                                                             ("sprite_002.png", "knight")]
+    assert [(f["filename"], f["class"]) for f in frames] == [
+        ("sprite_000.png", "original"),
+        ("sprite_001.png", "knight"),
+        ("sprite_002.png", "knight"),
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -1396,7 +1659,8 @@ def model(weights_path):
 
 
 def random_sprites(n, size=128, seed=0):
-    """n random RGBA uint8 sprites (n, size, size, 4) with a transparent border, like real sprites."""
+    """n random RGBA uint8 sprites (n, size, size, 4) with a transparent border, like real
+    sprites."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, size, size, 4), dtype=np.uint8)
     images[:, : size // 8, :, 3] = 0
@@ -1430,7 +1694,8 @@ def test_state_dict_matches_weights_file_listing():
 
 
 def test_state_dict_built_from_listing_loads_strictly(tmp_path):
-    """A .pth with exactly the listed keys/shapes loads through load_inception(weights=...) with strict=True."""
+    """A .pth with exactly the listed keys/shapes loads through load_inception(weights=...) with
+    strict=True."""
     if not SHAPES_JSON.is_file():
         pytest.skip(f"{SHAPES_JSON} (the key/shape listing of the real weights) is absent")
     listing = json.loads(SHAPES_JSON.read_text())["state_dict"]
@@ -1455,7 +1720,8 @@ def test_forward_shape_and_any_input_size(model):
 
 
 def test_missing_weights_raise_clear_error(tmp_path, monkeypatch):
-    """No --weights, an empty torch hub cache and no download: FIDError naming where the file goes."""
+    """No --weights, an empty torch hub cache and no download: FIDError naming where the file
+    goes."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(fid.FIDError) as info:
         fid.load_inception(None, "cpu", allow_download=False)
@@ -1485,10 +1751,13 @@ class _FakeResponse:
 
 
 def test_download_checks_sha256_prefix(tmp_path, monkeypatch, capsys):
-    """The download keeps the file only when its SHA-256 starts with the 8 hex digits in its name."""
+    """The download keeps the file only when its SHA-256 starts with the 8 hex digits in its
+    name."""
     import hashlib
     payload = b"not really inception weights"
-    monkeypatch.setattr(fid.urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(payload))
+    monkeypatch.setattr(
+        fid.urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(payload)
+    )
     dest = tmp_path / fid.WEIGHTS_NAME
     with pytest.raises(fid.FIDError, match="SHA-256"):
         fid.download_weights(dest)
@@ -1541,7 +1810,11 @@ def test_frechet_matches_direct_scipy_computation():
     direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
     w, v = linalg.eigh(s1)
     root1 = (v * np.sqrt(w)) @ v.T
-    symmetric = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.sqrt(linalg.eigvalsh(root1 @ s2 @ root1)).sum()
+    symmetric = (
+        np.sum((mu1 - mu2) ** 2)
+        + np.trace(s1 + s2)
+        - 2 * np.sqrt(linalg.eigvalsh(root1 @ s2 @ root1)).sum()
+    )
     got = fid.frechet_distance(mu1, s1, mu2, s2)
     assert got == pytest.approx(direct, rel=1e-9)
     assert got == pytest.approx(symmetric, rel=1e-8)
@@ -1550,11 +1823,14 @@ def test_frechet_matches_direct_scipy_computation():
 def test_frechet_pytorch_fid_test_vector():
     """pytorch-fid's check: mu1 = 0, mu2 = 1, sigma1 = sigma2 = I in 2048-d gives exactly 2048."""
     d = fid.FEATURE_DIM
-    assert fid.frechet_distance(np.zeros(d), np.eye(d), np.ones(d), np.eye(d)) == pytest.approx(2048.0, abs=1e-6)
+    assert fid.frechet_distance(
+        np.zeros(d), np.eye(d), np.ones(d), np.eye(d)
+    ) == pytest.approx(2048.0, abs=1e-6)
 
 
 def test_frechet_singular_covariances_stay_finite(monkeypatch):
-    """Singular covariances give a finite FID; when sqrtm is not finite, the eps * I retry runs and warns."""
+    """Singular covariances give a finite FID; when sqrtm is not finite, the eps * I retry runs and
+    warns."""
     rng = np.random.default_rng(3)
     f1, f2 = rng.normal(size=(4, 32)), rng.normal(size=(4, 32)) + 0.5  # rank 3 in 32-d
     with warnings.catch_warnings():
@@ -1578,7 +1854,8 @@ def test_frechet_singular_covariances_stay_finite(monkeypatch):
 
 
 def test_frechet_large_imaginary_part_raises():
-    """A square root with imaginary diagonal parts above 1e-3 (here: sqrtm(-I) = iI) raises ValueError."""
+    """A square root with imaginary diagonal parts above 1e-3 (here: sqrtm(-I) = iI) raises
+    ValueError."""
     d = 5
     with pytest.raises(ValueError, match="imaginary"):
         fid.frechet_distance(np.zeros(d), np.eye(d), np.zeros(d), -np.eye(d))
@@ -1608,13 +1885,16 @@ def test_low_rank_route_matches_sqrtm_route(n1, n2, seed):
             assert fid.frechet_distance(*s1, *s2) == pytest.approx(reference, rel=1e-6, abs=1e-6)
         except ValueError as e:
             assert "imaginary" in str(e)
-        assert fid.frechet_distance_low_rank(*s1, s2[0], f2) == pytest.approx(reference, rel=1e-6, abs=1e-6)
+        assert fid.frechet_distance_low_rank(*s1, s2[0], f2) == pytest.approx(
+            reference, rel=1e-6, abs=1e-6
+        )
         assert fid.fid_between(s1, s2, f1, f2) == pytest.approx(reference, rel=1e-6, abs=1e-6)
         assert fid.fid_between(s1, s2, None, f2) == pytest.approx(reference, rel=1e-6, abs=1e-6)
 
 
 def test_small_sample_warning():
-    """Fewer samples than feature dimensions warns (pointing to KID) but still returns statistics."""
+    """Fewer samples than feature dimensions warns (pointing to KID) but still returns
+    statistics."""
     feats = np.random.default_rng(4).normal(size=(10, fid.FEATURE_DIM))
     with pytest.warns(UserWarning, match="KID"):
         mu, sigma = fid.statistics(feats)
@@ -1690,10 +1970,16 @@ def test_rgba_compositing_exact_pixels(tmp_path):
 def test_grayscale_and_palette_images_load_as_rgb(tmp_path):
     """L, LA and P images (with and without a transparent colour) load as (H, W, 3) RGB."""
     Image.fromarray(np.array([[0, 128, 255]], dtype=np.uint8), "L").save(tmp_path / "gray.png")
-    assert fid.load_image_file(tmp_path / "gray.png").tolist() == [[[0, 0, 0], [128, 128, 128], [255, 255, 255]]]
+    assert fid.load_image_file(tmp_path / "gray.png").tolist() == [
+        [[0, 0, 0], [128, 128, 128], [255, 255, 255]]
+    ]
 
-    Image.fromarray(np.array([[[50, 0], [50, 255]]], dtype=np.uint8), "LA").save(tmp_path / "gray_alpha.png")
-    assert fid.load_image_file(tmp_path / "gray_alpha.png", (0, 0, 0)).tolist() == [[[0, 0, 0], [50, 50, 50]]]
+    Image.fromarray(np.array([[[50, 0], [50, 255]]], dtype=np.uint8), "LA").save(
+        tmp_path / "gray_alpha.png"
+    )
+    assert fid.load_image_file(tmp_path / "gray_alpha.png", (0, 0, 0)).tolist() == [
+        [[0, 0, 0], [50, 50, 50]]
+    ]
 
     palette = Image.new("P", (2, 1))
     palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
@@ -1701,11 +1987,14 @@ def test_grayscale_and_palette_images_load_as_rgb(tmp_path):
     palette.save(tmp_path / "palette.png")
     assert fid.load_image_file(tmp_path / "palette.png").tolist() == [[[255, 0, 0], [0, 0, 255]]]
     palette.save(tmp_path / "palette.gif", transparency=1)  # colour 1 is transparent
-    assert fid.load_image_file(tmp_path / "palette.gif", (0, 255, 0)).tolist() == [[[255, 0, 0], [0, 255, 0]]]
+    assert fid.load_image_file(tmp_path / "palette.gif", (0, 255, 0)).tolist() == [
+        [[255, 0, 0], [0, 255, 0]]
+    ]
 
 
 def test_features_do_not_depend_on_batch_size(model):
-    """Six images give the same features in batches of 2 as in one batch of 6 (eval-mode BatchNorm)."""
+    """Six images give the same features in batches of 2 as in one batch of 6 (eval-mode
+    BatchNorm)."""
     images = random_sprites(6, size=64, seed=8)
     one_batch = fid.features_from_uint8(images, model, batch_size=6)
     three_batches = fid.features_from_uint8(images, model, batch_size=2)
@@ -1715,12 +2004,16 @@ def test_features_do_not_depend_on_batch_size(model):
 
 
 def test_mixed_sizes_folder_matches_pytorch_fid_path(tmp_path, model):
-    """A folder of mixed sizes and kinds works, and each image's features equal the pytorch-fid path:
+    """A folder of mixed sizes and kinds works, and each image's features equal the pytorch-fid
+    path:
     ToTensor of the RGB image, then the network (bilinear resize to 299, 2x - 1)."""
     rng = np.random.default_rng(9)
     folder = tmp_path / "mixed"
     (folder / "sub").mkdir(parents=True)
-    rgb = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in [(128, 128, 3), (40, 72, 3), (300, 310, 3)]]
+    rgb = [
+        rng.integers(0, 256, size=s, dtype=np.uint8)
+        for s in [(128, 128, 3), (40, 72, 3), (300, 310, 3)]
+    ]
     Image.fromarray(rgb[0]).save(folder / "a.png")
     Image.fromarray(rgb[1]).save(folder / "sub" / "b.bmp")  # found recursively, lossless
     Image.fromarray(rgb[2]).save(folder / "c.webp", lossless=True)
@@ -1752,8 +2045,11 @@ def test_fid_kid_in_memory(model):
 
 
 def run_fid_cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "fid.py"), *map(str, args)], capture_output=True, cwd=cwd,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "fid.py"), *map(str, args)],
+        capture_output=True, cwd=cwd, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -1805,7 +2101,9 @@ def test_cli_missing_weights_fails_cleanly(tmp_path):
     assert len(lines) == 1 and fid.WEIGHTS_NAME in lines[0]
 
 
-@pytest.mark.parametrize("case", ["missing path", "empty folder", "bad npz", "npz without mu", "broken image"])
+@pytest.mark.parametrize(
+    "case", ["missing path", "empty folder", "bad npz", "npz without mu", "broken image"]
+)
 def test_cli_bad_input_is_one_sentence(tmp_path, weights_path, capsys, case):
     """Bad input exits non-zero with one clear line on stderr, never a traceback."""
     empty = tmp_path / "empty"
@@ -1833,8 +2131,10 @@ def test_cli_scores_a_spriteflow_checkpoint(tmp_path, weights_path):
     weights and scores them against the folder."""
     data = write_sprites(tmp_path / "d", 4)
     run = sf.train(tiny_config(data, tmp_path / "run", max_steps=2, val_every=2, sample_every=100))
-    result = run_fid_cli(data, run / "last.pt", "--weights", weights_path, "--num-samples", 3, "--steps", 2,
-                         "--sampler", "euler", "--batch-size", 4)
+    result = run_fid_cli(
+        data, run / "last.pt", "--weights", weights_path, "--num-samples", 3, "--steps", 2,
+        "--sampler", "euler", "--batch-size", 4,
+    )
     assert result.returncode == 0, result.stderr
     assert np.isfinite(printed_fid(result.stdout)) and "KID:" in result.stdout
 
@@ -1861,8 +2161,10 @@ def test_fid_pixel_art_stats_known_values():
     img = np.zeros((1, 32, 32, 4), dtype=np.uint8)
     img[..., 3] = 255
     img[:, :, :16, :3], img[:, :, 16:, :3] = 40, 140
-    assert fid.pixel_art_stats(img) == fid.pixel_art_stats(torch.from_numpy(img)) == {"flatness": round(104 / 112, 3),
-                                                                                       "colours": 2.0}
+    assert fid.pixel_art_stats(img) == fid.pixel_art_stats(torch.from_numpy(img)) == {
+        "flatness": round(104 / 112, 3),
+        "colours": 2.0,
+    }
     img[:, :4, :, 3] = 0
     assert fid.pixel_art_stats(img) == {"flatness": round(90 / 97, 3), "colours": 2.0}
     speckle = blocky_sprites(1, seed=0, size=32)
@@ -1871,11 +2173,13 @@ def test_fid_pixel_art_stats_known_values():
 
 
 def test_saturation_of_grey_red_and_mixed_sprites():
-    """HSV saturation (max - min) / max over opaque pixels: grey (and black) sprites give 0, pure red
+    """HSV saturation (max - min) / max over opaque pixels: grey (and black) sprites give 0, pure
+    red
     gives 1, transparent pixels are ignored, and a sprite half red, half grey gives 0.5; the
     standard deviation is over sprites."""
     grey = np.zeros((3, 8, 8, 4), dtype=np.uint8)
-    grey[..., :3] = np.array([0, 90, 255], dtype=np.uint8)[:, None, None, None]  # black, grey, white
+    # black, grey, white
+    grey[..., :3] = np.array([0, 90, 255], dtype=np.uint8)[:, None, None, None]
     grey[..., 3] = 255
     grey[:, :2, :, :] = [255, 0, 0, 0]  # transparent red pixels do not count
     assert fid.saturation_stats(grey) == {"saturation": 0.0, "saturation_std": 0.0}
@@ -1906,7 +2210,9 @@ def test_random_features_do_not_depend_on_batch_size():
     f_all = fid.random_features(a, batch_size=64)
     np.testing.assert_allclose(fid.random_features(a, batch_size=1), f_all, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(fid.random_features(a, batch_size=5), f_all, rtol=1e-5, atol=1e-7)
-    assert fid.random_feature_distance(a, b, batch_size=3) == pytest.approx(fid.random_feature_distance(a, b), rel=1e-6)
+    assert fid.random_feature_distance(a, b, batch_size=3) == pytest.approx(
+        fid.random_feature_distance(a, b), rel=1e-6
+    )
 
 
 def test_random_feature_distance_is_larger_for_a_shifted_set():
@@ -1919,14 +2225,19 @@ def test_random_feature_distance_is_larger_for_a_shifted_set():
 
 
 def test_nearest_neighbours_find_a_planted_copy():
-    """A training sprite planted among the queries is found at RMS distance exactly 0 with its index;
-    all distances match a brute-force computation in [-1, 1], also with chunks smaller than the sets."""
+    """A training sprite planted among the queries is found at RMS distance exactly 0 with its
+    index;
+    all distances match a brute-force computation in [-1, 1], also with chunks smaller than the
+    sets."""
     train = blocky_sprites(9, seed=8)
     queries = blocky_sprites(5, seed=9)
     queries[3] = train[7]
     distances, indices = fid.nearest_neighbours(queries, train, chunk=4)
     assert distances[3] == 0 and indices[3] == 7 and (distances[[0, 1, 2, 4]] > 0).all()
-    x, y = sf.to_float(torch.from_numpy(queries)).double(), sf.to_float(torch.from_numpy(train)).double()
+    x, y = (
+        sf.to_float(torch.from_numpy(queries)).double(),
+        sf.to_float(torch.from_numpy(train)).double(),
+    )
     brute = ((x[:, None] - y[None]) ** 2).flatten(2).mean(2).sqrt()  # (5, 9)
     torch.testing.assert_close(distances, brute.min(1).values)
     assert torch.equal(indices, brute.argmin(1))
@@ -1938,7 +2249,8 @@ def test_memorisation_report_flags_a_planted_copy():
     every held-out sprite, and the sheet puts
     each sample beside its neighbour (4 pairs of 32x32 tiles in one row)."""
     train, val = blocky_sprites(10, seed=10), blocky_sprites(3, seed=11)
-    samples = np.full((4, 32, 32, 4), 255, dtype=np.uint8)  # solid white: far from every blocky sprite
+    # solid white: far from every blocky sprite
+    samples = np.full((4, 32, 32, 4), 255, dtype=np.uint8)
     samples[2] = train[4]
     report = fid.memorisation_report(samples, train, val)
     assert report["samples"]["min"] == 0 and report["held_out"]["min"] == report["threshold"] > 0
@@ -1946,7 +2258,8 @@ def test_memorisation_report_flags_a_planted_copy():
     assert set(report["samples"]) == set(report["held_out"]) == {"min", "p5", "median", "mean"}
     sheet = fid.nearest_sheet(samples, train, report["indices"])
     assert sheet.size == (8 * 32, 32)
-    assert np.array_equal(np.asarray(sheet)[:, 4 * 32:5 * 32], np.asarray(sheet)[:, 5 * 32:6 * 32])  # copy == neighbour
+    # copy == neighbour
+    assert np.array_equal(np.asarray(sheet)[:, 4 * 32:5 * 32], np.asarray(sheet)[:, 5 * 32:6 * 32])
 
 
 def test_cli_measure_prints_one_json_line(tmp_path):
