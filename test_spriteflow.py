@@ -1158,6 +1158,28 @@ def test_class_names_survive_the_checkpoint_and_guide_only_without_classes(class
     assert model.n_classes == 0 and ckpt["classes"] == [] and guide is not None
 
 
+def test_a_flat_folder_samples_unguided_by_default_though_it_keeps_a_guide(
+    tmp_path, monkeypatch, capsys
+):
+    """A flat folder's checkpoint keeps the autoguidance guide, yet `sample` without
+    --guidance draws exactly the sprites of `--guidance 1`: on real game art the guide washed
+    every sprite out (lab record, "Guidance on real art"), so it steers only when asked."""
+    data = write_sprites(tmp_path / "flat", 4)
+    flat = sf.train(tiny_config(data, tmp_path / "r", max_steps=2))
+    sheets, said = {}, {}
+    for name, extra in (("default", []), ("w1", ["--guidance", "1"]), ("w2", ["--guidance", "2"])):
+        status, out, err = run_main(
+            monkeypatch, capsys, "sample", "--checkpoint", flat / "last.pt", "--n", 2,
+            "--steps", 2, "--out", tmp_path / name, *extra,
+        )
+        assert status == 0, err
+        sheets[name] = np.array(Image.open(tmp_path / name / "sheet.png"))
+        said[name] = out + err
+    assert np.array_equal(sheets["default"], sheets["w1"])
+    assert "guidance 1 (none)" in said["default"]
+    assert "guidance 2 (autoguidance)" in said["w2"]
+
+
 def test_sample_by_class_writes_rows_and_a_sheet_that_slices_back(class_run):
     """`sample --class` draws the named classes, one grid row each; sheet.png cut at the
     frames of sheet.json gives back exactly the sprite files, with their classes. An unknown
