@@ -1427,8 +1427,10 @@ def check_ranks_in_sync(model, world):
 # (avx512_bf16, amx_bf16, ARM bf16) can be faster in bf16 than in fp32; CPUs
 # without them emulate it, ~50x slower. We read the flags, then time a small
 # step each way: the flags say whether bf16 can be fast, the probe whether it is
-# on this machine and build of PyTorch. Sampling only runs forward passes, so
-# it probes a forward pass. On CUDA bf16 is always on.
+# on this machine and build of PyTorch. Sampling does not time anything: it
+# keeps the precision its run trained in (fp32 where the CPU lacks the flags),
+# because a timing can change from one call to the next and a seed must give
+# the same sprites every time.
 # -----------------------------------------------------------------------------
 
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 and AMX, ARM
@@ -1448,27 +1450,27 @@ def cpu_has_bf16():
         return False
 
 
-def probe_ms(model, device, bf16, backward, batch):
-    """Milliseconds of one pass on a batch (forward, and backward when asked), the best of
-    two after a warm-up."""
+def probe_ms(model, device, bf16, batch):
+    """Milliseconds of one forward and backward pass on a batch, the best of two after a
+    warm-up."""
     x = torch.randn(batch, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device)
-    t, times = torch.full((batch,), 0.5, device=device), []
+    t = torch.full((batch,), 0.5, device=device)
+    times = []
     for _ in range(3):
         start = time.perf_counter()
-        with autocast(device, bf16), torch.set_grad_enabled(backward):
+        with autocast(device, bf16):
             loss = model(x, t).float().square().mean()
-            if backward:
-                loss.backward()
+        loss.backward()
         sync(device)
         times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     return 1000 * min(times[1:])
 
 
-def decide_bf16(asked, device, model, ckpt=None, backward=True, batch=8):
-    """(use bf16?, why): --bf16/--no-bf16 if given; a resumed run as it began; else by a
-    probe of a training step (or, for sampling, a forward pass) each way, on a CPU only
-    where its flags list bf16 instructions. On a GPU probe at the batch that will run."""
+def decide_bf16(asked, device, model, ckpt=None, batch=8):
+    """(use bf16?, why) for training: --bf16/--no-bf16 if given; a resumed run as it began;
+    else by a probe of a training step each way, on a CPU only where its flags list bf16
+    instructions. On a GPU probe at the batch that will run."""
     if asked is not None:
         return asked, "as asked"
     if ckpt is not None:
@@ -1479,10 +1481,22 @@ def decide_bf16(asked, device, model, ckpt=None, backward=True, batch=8):
         return False, "this CPU lists no bf16 instructions"
     if device.type == "cpu":
         batch = 8  # a CPU's speed per sprite hardly depends on the batch
-    fp32 = probe_ms(model, device, False, backward, batch)
-    bf16 = probe_ms(model, device, True, backward, batch)
-    what = "step" if backward else "forward pass"
-    return bf16 < 0.9 * fp32, f"a probe {what} took {bf16:.0f} ms in bf16, {fp32:.0f} ms in fp32"
+    fp32 = probe_ms(model, device, False, batch)
+    bf16 = probe_ms(model, device, True, batch)
+    return bf16 < 0.9 * fp32, f"a probe step took {bf16:.0f} ms in bf16, {fp32:.0f} ms in fp32"
+
+
+def sampling_bf16(asked, device, ckpt):
+    """(use bf16?, why) for sampling: --bf16/--no-bf16 if given; fp32 where the hardware has
+    no fast bf16; else the precision the run trained in. No timing, so that a seed always
+    draws the same sprites."""
+    if asked is not None:
+        return asked, "as asked"
+    if device.type == "mps":
+        return False, "mps"
+    if device.type == "cpu" and not cpu_has_bf16():
+        return False, "this CPU lists no bf16 instructions"
+    return bool(ckpt["bf16"]), "as the run trained"
 
 
 # -----------------------------------------------------------------------------
@@ -2137,7 +2151,7 @@ def cmd_sample(args, model, guide, ckpt, device, out):
     solver = Solver(args.sampler, args.steps, args.sigma, args.seed)
     if args.edit:
         return cmd_edit(args, model, (guide, labels, w, grid, solver), ckpt, device, out)
-    bf16, why = decide_bf16(args.bf16, device, model, backward=False, batch=min(args.n, 64))
+    bf16, why = sampling_bf16(args.bf16, device, ckpt)
     start = time.time()
     noise = gaussian_noise(args.n, args.seed)
     sprites = generate(model, noise, labels, w, guide, solver, grid, bf16)

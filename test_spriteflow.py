@@ -1338,31 +1338,38 @@ def test_bf16_is_chosen_by_the_cpu_flags_and_a_probe(monkeypatch):
         monkeypatch.setattr(
             sf,
             "probe_ms",
-            lambda m, d, bf16, backward, batch, a=fp32_ms, b=bf16_ms: b if bf16 else a,
+            lambda m, d, bf16, batch, a=fp32_ms, b=bf16_ms: b if bf16 else a,
         )
         assert sf.decide_bf16(None, cpu, model)[0] is chosen
 
 
-def test_sample_decides_bf16_with_a_forward_only_probe(class_run, tmp_path, monkeypatch, capsys):
-    """Sampling runs no backward pass, so `sample` on a CPU with bf16 instructions times
-    forward passes only, and says so in its summary."""
-    probes = []
-
-    def probe(model, device, bf16, backward, batch):
-        probes.append(backward)
-        return 50.0 if bf16 else 100.0
-
-    monkeypatch.setattr(sf, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(sf, "probe_ms", probe)
-    status, out, err = run_main(
-        monkeypatch, capsys, "sample", "--checkpoint", class_run[1], "--n", "1", "--steps", "1",
-        "--out", tmp_path / "o", "--device", "cpu",
-    )
-    assert status == 0, err
-    assert (
-        probes == [False, False]
-        and "bf16 on (a probe forward pass took 50 ms in bf16, 100 ms in fp32)" in out
-    )
+def test_sample_keeps_the_runs_precision_without_timing_anything(
+    class_run, tmp_path, monkeypatch, capsys
+):
+    """A timed probe can decide differently from one call to the next, and bf16 draws other
+    sprites than fp32, so `sample` times nothing: on a CPU with bf16 instructions it keeps the
+    precision the run trained in, on one without them fp32, and a seed draws the same sprites
+    on every call."""
+    monkeypatch.setattr(sf, "probe_ms", lambda *a: pytest.fail("sampling must not time a probe"))
+    ckpt = torch.load(class_run[1], weights_only=False)
+    ckpt["bf16"] = True
+    torch.save(ckpt, tmp_path / "bf16.pt")
+    said = {}
+    for name, path, flags in (
+        ("trained fp32", class_run[1], True),
+        ("trained bf16", tmp_path / "bf16.pt", True),
+        ("no bf16 flags", tmp_path / "bf16.pt", False),
+    ):
+        monkeypatch.setattr(sf, "cpu_has_bf16", lambda flags=flags: flags)
+        status, out, err = run_main(
+            monkeypatch, capsys, "sample", "--checkpoint", path, "--n", "1", "--steps", "1",
+            "--out", tmp_path / name, "--device", "cpu",
+        )
+        assert status == 0, err
+        said[name] = out
+    assert "bf16 off (as the run trained)" in said["trained fp32"]
+    assert "bf16 on (as the run trained)" in said["trained bf16"]
+    assert "bf16 off (this CPU lists no bf16 instructions)" in said["no bf16 flags"]
 
 
 def test_a_time_budget_is_counted_across_resumes_at_a_constant_lr(tmp_path):
