@@ -2473,9 +2473,8 @@ def test_checkpoint_sampling_defaults_come_from_spriteflow(monkeypatch, capsys):
                       "guidance": guidance, "grid": grid, "noise": noise})
         return torch.zeros(len(noise), 128, 128, 4, dtype=torch.uint8)
 
-    ckpt = {"classes": [], "class_counts": [], "grid": 4}
+    ckpt = {"classes": [], "class_counts": [], "grid": 4, "bf16": False}
     monkeypatch.setattr(sf, "load_models", lambda path, device: (torch.nn.Identity(), None, ckpt))
-    monkeypatch.setattr(sf, "decide_bf16", lambda *args, **kw: (False, "as the test asks"))
     monkeypatch.setattr(sf, "generate", fake_generate)
     monkeypatch.setattr(sf, "DEFAULT_SAMPLER", "euler")
     monkeypatch.setattr(sf, "DEFAULT_STEPS", 3)
