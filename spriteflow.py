@@ -1467,6 +1467,15 @@ def probe_ms(model, device, bf16, batch):
     return 1000 * min(times[1:])
 
 
+def no_fast_bf16(device):
+    """Why bf16 cannot pay on this device (mps, or a CPU without bf16 instructions), or None."""
+    if device.type == "mps":
+        return "mps"
+    if device.type == "cpu" and not cpu_has_bf16():
+        return "this CPU lists no bf16 instructions"
+    return None
+
+
 def decide_bf16(asked, device, model, ckpt=None, batch=8):
     """(use bf16?, why) for training: --bf16/--no-bf16 if given; a resumed run as it began;
     else by a probe of a training step each way, on a CPU only where its flags list bf16
@@ -1475,10 +1484,9 @@ def decide_bf16(asked, device, model, ckpt=None, batch=8):
         return asked, "as asked"
     if ckpt is not None:
         return ckpt["bf16"], "as when the run began"
-    if device.type == "mps":
-        return False, "mps"
-    if device.type == "cpu" and not cpu_has_bf16():
-        return False, "this CPU lists no bf16 instructions"
+    why_not = no_fast_bf16(device)
+    if why_not:
+        return False, why_not
     if device.type == "cpu":
         batch = 8  # a CPU's speed per sprite hardly depends on the batch
     fp32 = probe_ms(model, device, False, batch)
@@ -1492,10 +1500,9 @@ def sampling_bf16(asked, device, ckpt):
     draws the same sprites."""
     if asked is not None:
         return asked, "as asked"
-    if device.type == "mps":
-        return False, "mps"
-    if device.type == "cpu" and not cpu_has_bf16():
-        return False, "this CPU lists no bf16 instructions"
+    why_not = no_fast_bf16(device)
+    if why_not:
+        return False, why_not
     return bool(ckpt["bf16"]), "as the run trained"
 
 
