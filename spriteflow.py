@@ -1477,16 +1477,17 @@ def no_fast_bf16(device):
 
 
 def decide_bf16(asked, device, model, ckpt=None, batch=8):
-    """(use bf16?, why) for training: --bf16/--no-bf16 if given; a resumed run as it began;
-    else by a probe of a training step each way, on a CPU only where its flags list bf16
-    instructions. On a GPU probe at the batch that will run."""
+    """(use bf16?, why) for training: --bf16/--no-bf16 if given; fp32 where bf16 cannot pay
+    (a run begun elsewhere in bf16 too: emulated bf16 is several times slower); a resumed
+    run as it began; else by a probe of a training step each way. On a GPU probe at the
+    batch that will run."""
     if asked is not None:
         return asked, "as asked"
-    if ckpt is not None:
-        return ckpt["bf16"], "as when the run began"
     why_not = no_fast_bf16(device)
     if why_not:
         return False, why_not
+    if ckpt is not None:
+        return ckpt["bf16"], "as when the run began"
     if device.type == "cpu":
         batch = 8  # a CPU's speed per sprite hardly depends on the batch
     fp32 = probe_ms(model, device, False, batch)
@@ -2497,12 +2498,14 @@ def main(argv=None):
 
 
 def newest_checkpoint():
-    """The most recently written .pt under runs/: usually the running or last run's last.pt."""
+    """The run under runs/ that wrote a checkpoint last, and its last.pt: the weights a run
+    ends with, whether or not the validation loss improved at its last save (best.pt)."""
     found = sorted(Path("runs").rglob("*.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise UserError(f"no checkpoint found under '{Path('runs').resolve()}'; train first (the "
                         "first checkpoint comes at step 250) or pass --checkpoint")
-    return found[-1]
+    last = found[-1].parent / "last.pt"
+    return last if last.exists() else found[-1]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -1351,6 +1352,33 @@ def test_bf16_is_chosen_by_the_cpu_flags_and_a_probe(monkeypatch):
             lambda m, d, bf16, batch, a=fp32_ms, b=bf16_ms: b if bf16 else a,
         )
         assert sf.decide_bf16(None, cpu, model)[0] is chosen
+
+
+def test_a_run_begun_in_bf16_resumes_in_fp32_where_bf16_cannot_pay(monkeypatch):
+    """A run keeps its precision on resume, except on a CPU without bf16 instructions, where
+    bf16 is emulated and several times slower: there it goes on in fp32, and says why."""
+    model, cpu = tiny_unet(), torch.device("cpu")
+    monkeypatch.setattr(sf, "probe_ms", lambda *a: pytest.fail("a resumed run times no probe"))
+    monkeypatch.setattr(sf, "cpu_has_bf16", lambda: True)
+    assert sf.decide_bf16(None, cpu, model, {"bf16": True}) == (True, "as when the run began")
+    monkeypatch.setattr(sf, "cpu_has_bf16", lambda: False)
+    chosen = sf.decide_bf16(None, cpu, model, {"bf16": True})
+    assert chosen == (False, "this CPU lists no bf16 instructions")
+
+
+def test_sample_takes_the_newest_runs_last_checkpoint(tmp_path, monkeypatch):
+    """With no --checkpoint, `sample` takes the run that saved last, and that run's last.pt
+    even when best.pt was written after it (a save where the validation loss improved)."""
+    monkeypatch.chdir(tmp_path)
+    for run, age in (("old", 100), ("new", 10)):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        for name, extra in (("last.pt", 1), ("best.pt", 0)):
+            path = tmp_path / "runs" / run / name
+            path.write_bytes(b"")
+            os.utime(path, (time.time() - age - extra, time.time() - age - extra))
+    assert sf.newest_checkpoint() == Path("runs") / "new" / "last.pt"
+    (tmp_path / "runs" / "new" / "last.pt").unlink()  # a crash can leave best.pt alone
+    assert sf.newest_checkpoint() == Path("runs") / "new" / "best.pt"
 
 
 def test_sample_keeps_the_runs_precision_without_timing_anything(
