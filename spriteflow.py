@@ -1476,35 +1476,23 @@ def no_fast_bf16(device):
     return None
 
 
-def decide_bf16(asked, device, model, ckpt=None, batch=8):
-    """(use bf16?, why) for training: --bf16/--no-bf16 if given; fp32 where bf16 cannot pay
-    (a run begun elsewhere in bf16 too: emulated bf16 is several times slower); a resumed
-    run as it began; else by a probe of a training step each way. On a GPU probe at the
-    batch that will run."""
+def decide_bf16(asked, device, model=None, ckpt=None, batch=8):
+    """(use bf16?, why): --bf16/--no-bf16 if given; fp32 where bf16 cannot pay (emulated bf16
+    is many times slower); with a checkpoint (a resumed run, or sampling) the precision the
+    run trained in, untimed, so that a seed always draws the same sprites; for a new run a
+    probe of a training step each way, on a GPU at the batch that will run."""
     if asked is not None:
         return asked, "as asked"
     why_not = no_fast_bf16(device)
     if why_not:
         return False, why_not
     if ckpt is not None:
-        return ckpt["bf16"], "as when the run began"
+        return bool(ckpt["bf16"]), "as the run trained"
     if device.type == "cpu":
         batch = 8  # a CPU's speed per sprite hardly depends on the batch
     fp32 = probe_ms(model, device, False, batch)
     bf16 = probe_ms(model, device, True, batch)
     return bf16 < 0.9 * fp32, f"a probe step took {bf16:.0f} ms in bf16, {fp32:.0f} ms in fp32"
-
-
-def sampling_bf16(asked, device, ckpt):
-    """(use bf16?, why) for sampling: --bf16/--no-bf16 if given; fp32 where the hardware has
-    no fast bf16; else the precision the run trained in. No timing, so that a seed always
-    draws the same sprites."""
-    if asked is not None:
-        return asked, "as asked"
-    why_not = no_fast_bf16(device)
-    if why_not:
-        return False, why_not
-    return bool(ckpt["bf16"]), "as the run trained"
 
 
 # -----------------------------------------------------------------------------
@@ -2159,7 +2147,7 @@ def cmd_sample(args, model, guide, ckpt, device, out):
     solver = Solver(args.sampler, args.steps, args.sigma, args.seed)
     if args.edit:
         return cmd_edit(args, model, (guide, labels, w, grid, solver), ckpt, device, out)
-    bf16, why = sampling_bf16(args.bf16, device, ckpt)
+    bf16, why = decide_bf16(args.bf16, device, ckpt=ckpt)
     start = time.time()
     noise = gaussian_noise(args.n, args.seed)
     sprites = generate(model, noise, labels, w, guide, solver, grid, bf16)

@@ -1360,7 +1360,7 @@ def test_a_run_begun_in_bf16_resumes_in_fp32_where_bf16_cannot_pay(monkeypatch):
     model, cpu = tiny_unet(), torch.device("cpu")
     monkeypatch.setattr(sf, "probe_ms", lambda *a: pytest.fail("a resumed run times no probe"))
     monkeypatch.setattr(sf, "cpu_has_bf16", lambda: True)
-    assert sf.decide_bf16(None, cpu, model, {"bf16": True}) == (True, "as when the run began")
+    assert sf.decide_bf16(None, cpu, model, {"bf16": True}) == (True, "as the run trained")
     monkeypatch.setattr(sf, "cpu_has_bf16", lambda: False)
     chosen = sf.decide_bf16(None, cpu, model, {"bf16": True})
     assert chosen == (False, "this CPU lists no bf16 instructions")
