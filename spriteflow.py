@@ -62,8 +62,11 @@ class UserError(Exception):
 #
 # the scale of the N(0, I) noise we will mix in. Pixel art must stay on its
 # pixel grid, so resizing is nearest-neighbour only (bilinear filtering invents
-# colours no sprite has), and non-square images are padded with transparent
-# pixels, never stretched. Where alpha is 0 the RGB is set to 0: an invisible
+# colours no sprite has), and by a whole number: an image is padded with
+# transparent pixels (centred, never stretched) to the smallest square side
+# that divides 128, then scaled up. An 18x20 sprite becomes 32x32, then x4, so
+# every art pixel is a 4x4 block; stretched to 128 it would be 6.4 pixels wide,
+# some columns 6 and some 7, and no grid would fit it (lab record, "Colour drift"). Where alpha is 0 the RGB is set to 0: an invisible
 # pixel's colour is junk the model should not learn. Images in subfolders are
 # labelled by the top-level subfolder's name (my_sprites/slime/a.png is a
 # slime); a flat folder has no classes.
@@ -76,9 +79,12 @@ class UserError(Exception):
 
 
 def load_rgba(path, size=128):
-    """One image file -> (size, size, 4) uint8: padded to a square, resized by nearest neighbour."""
+    """One image file -> (size, size, 4) uint8: padded to a square whose side divides `size`
+    (when the image fits), then resized by nearest neighbour, by a whole number if it can."""
     img = open_rgba(path)  # Part II: Pillow's many modes and animated files, as RGBA
     side = max(img.size)
+    if side <= size:
+        side = next(d for d in range(side, size + 1) if size % d == 0)
     canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
     canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
     arr = np.array(canvas.resize((size, size), Image.NEAREST), dtype=np.uint8)  # (size, size, 4)
@@ -549,6 +555,20 @@ class UNet(nn.Module):
 # clamping moves each coordinate towards any valid z, so it only removes error.
 # A guided call costs about twice an unguided one: both fields come from one
 # network call on a batch of 2B (class c, then "no class"), or from two networks.
+#
+# Self-conditioning. A network that sees only x_t decides every pixel's colour
+# afresh at every call, from noise that is still large where colours are
+# chosen. Neighbouring pixels of one tunic can then settle on near-miss hues,
+# each plausible alone. A self-conditioned network (section 4) is also given
+# its own last guess z_prev, so it can keep a decision about a region from one
+# call to the next and refine it:
+#
+#     z_hat_k = z_hat(x_k, t_k, z_prev = z_hat_{k-1}),   z_hat_{-1} = 0
+#
+# The field now depends on the path taken, not only on (x, t), which costs
+# nothing at sampling time: the guess is one every solver has just made. Each
+# guided field keeps its own memory (the conditional and the unconditional
+# guess), and a new integration starts from z_prev = 0. Section 7 trains it.
 # -----------------------------------------------------------------------------
 
 SAMPLERS = ("heun", "multistep", "euler", "sde")
@@ -798,6 +818,13 @@ def lr_at(step, base_lr, warmup):
 # changes only when the weights do) and save a checkpoint. A step whose
 # gradient is not finite is skipped, weights and EMA untouched; several in a
 # row mean the weights themselves have gone bad, and the run stops.
+#
+# Self-conditioning (section 5) is trained in two passes: in half the batches
+# the network first guesses z_hat from x_t alone, without gradient, and the
+# loss is taken on a second pass that sees that guess (clamped, as sampling
+# clamps it); in the other half it sees z_prev = 0, as at a sampler's first
+# call. So one network learns both calls, for about a sixth more compute per
+# step (half the batches pay one more forward pass, a third of a step's cost).
 #
 # Autoguidance's guide (section 5) is a frozen copy of the EMA taken when
 # guide_fraction of the budget is spent: the same network, trained 8x less.

@@ -454,6 +454,25 @@ def test_loader_pads_to_square_resizes_nearest_and_clears_hidden_colour(tmp_path
     assert (arr[arr[..., 3] == 0, :3] == 0).all()
 
 
+def test_loader_puts_18x20_art_on_a_whole_number_grid(tmp_path):
+    """An 18x20 sprite is padded to 32x32, the smallest side that divides 128, and scaled
+    by exactly 4: every art pixel becomes one 4x4 block, so detect_grid finds 4."""
+    rng = np.random.default_rng(0)
+    arts = []
+    for i in range(4):
+        art = rng.integers(0, 256, (20, 18, 4), dtype=np.uint8)  # (H, W, 4): 18 wide, 20 tall
+        art[..., 3] = np.where(art[..., 3] > 60, 255, 0)
+        Image.fromarray(art).save(tmp_path / f"a{i}.png")
+        arts.append(art)
+    x, names, _, _ = sf.load_folder(tmp_path)
+    canvas = np.zeros((32, 32, 4), dtype=np.uint8)
+    canvas[6:26, 7:25] = arts[0]  # centred: (32 - 20) / 2 rows, (32 - 18) / 2 columns
+    canvas[canvas[..., 3] == 0] = 0
+    expected = canvas.repeat(4, 0).repeat(4, 1)
+    assert np.array_equal(x[0].permute(1, 2, 0).numpy(), expected)
+    assert sf.detect_grid(x, names) == 4
+
+
 def write_sprites(folder, n=8, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
