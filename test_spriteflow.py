@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -2618,3 +2619,55 @@ def test_checkpoint_sampling_defaults_come_from_spriteflow(monkeypatch, capsys):
     monkeypatch.undo()
     sample = sf.build_parser().parse_args(["sample"])
     assert (sample.sampler, sample.steps) == (sf.DEFAULT_SAMPLER, sf.DEFAULT_STEPS)
+
+
+# -----------------------------------------------------------------------------
+# Docs: every link in the front page and the lab record resolves, no figure is orphaned
+
+DOCS = ("README.md", "data/figures/README.md")
+MD_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
+
+
+def heading_anchors(path):
+    """GitHub's anchors: lowercase, punctuation but '-' and '_' dropped, spaces to '-',
+    a repeated heading numbered -1, -2, ..."""
+    anchors, seen = set(), {}
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    for title in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def doc_links(doc):
+    """(target file, anchor) for every relative Markdown link or image outside code blocks."""
+    path = ROOT / doc
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    for target in MD_LINK.findall(text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http(s), mailto: not ours to check
+            continue
+        file, _, anchor = target.partition("#")
+        yield (Path(os.path.normpath(path.parent / file)) if file else path), anchor
+
+
+def test_doc_links_resolve_and_no_figure_is_orphaned():
+    """Every relative link and image in the front page and the lab record names an existing
+    file (and, for a .md with #anchor, a heading with that anchor); every file in data/figures/
+    is linked from one of them; the lab record stays within 900 lines."""
+    linked, broken, anchors = set(), [], {}
+    for doc in DOCS:
+        for target, anchor in doc_links(doc):
+            linked.add(target)
+            if not target.exists():
+                broken.append(f"{doc}: {target.name}")
+            elif anchor and target.suffix == ".md":
+                if target not in anchors:
+                    anchors[target] = heading_anchors(target)
+                if anchor not in anchors[target]:
+                    broken.append(f"{doc}: {target.name}#{anchor}")
+    assert broken == []
+    figures = ROOT / "data" / "figures"
+    orphans = [f.name for f in figures.iterdir() if f.name != "README.md" and f not in linked]
+    assert orphans == []
+    assert len((figures / "README.md").read_text(encoding="utf-8").splitlines()) <= 900
