@@ -2469,7 +2469,7 @@ def build_parser():
     p.add_argument("--trajectory", action="store_true",
                    help="also write trajectory.gif/.png: noise (t=0) to sprite (t=1)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: where a timed probe finds it faster)")
+                   help="bf16 autocast (default: the precision the run trained in)")
     p.add_argument("--edit", default="", help="a sprite to repaint in part (needs --mask; "
                                               "--class steers the repaint)")
     p.add_argument("--mask", default="", help="PNG whose opaque, non-black pixels mark what "
