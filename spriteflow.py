@@ -66,10 +66,11 @@ class UserError(Exception):
 # transparent pixels (centred, never stretched) to the smallest square side
 # that divides 128, then scaled up. An 18x20 sprite becomes 32x32, then x4, so
 # every art pixel is a 4x4 block; stretched to 128 it would be 6.4 pixels wide,
-# some columns 6 and some 7, and no grid would fit it (lab record, "Colour drift"). Where alpha is 0 the RGB is set to 0: an invisible
-# pixel's colour is junk the model should not learn. Images in subfolders are
-# labelled by the top-level subfolder's name (my_sprites/slime/a.png is a
-# slime); a flat folder has no classes.
+# some columns 6 and some 7, and no grid would fit it (lab record, "Colour
+# drift"). Where alpha is 0 the RGB is set to 0: an invisible pixel's colour is
+# junk the model should not learn. Images in subfolders are labelled by the
+# top-level subfolder's name (my_sprites/slime/a.png is a slime); a flat folder
+# has no classes.
 #
 # Pixel art is drawn on a coarse grid: the built-in sprites are 32x32 art shown
 # at 4x, so every 4x4 block is one colour. detect_grid (Part II) finds that
@@ -317,10 +318,6 @@ def data_from_velocity(u, x, t, sched):
 #   self-attention runs at the smallest feature map (8x8), where it is cheap
 #   and lets the whole character coordinate (both arms, both eyes).
 # * The output layer starts at zero, so early training is stable.
-# * Self-conditioning (Chen, Zhang and Hinton 2022): the network also sees its
-#   own previous guess z_prev of the clean sprite, as 4 more input channels
-#   (zeros when it has none). Section 7 says how it is trained, section 5 how
-#   the samplers feed it, and why it is there.
 # * Pixel-unshuffle stem: a 128x128x4 image is rearranged losslessly into a
 #   32x32x64 tensor (factor 4) before the first convolution, and pixel-shuffle
 #   undoes it at the end. Convolutions touch 16x fewer positions, which makes
@@ -410,18 +407,16 @@ class UNet(nn.Module):
     """
 
     def __init__(self, channels=(32, 64, 128), blocks=2, unshuffle=4, target="data",
-                 schedule="linear", n_classes=0, groups=8, self_cond=False):
+                 schedule="linear", n_classes=0, groups=8):
         super().__init__()
         self.target, self.schedule, self.n_classes = target, schedule, n_classes
-        self.self_cond = self_cond
         c0, t_dim = channels[0], 4 * channels[0]
         patch = 4 * unshuffle * unshuffle  # channels after pixel-unshuffle
         self.time_embedding = TimeEmbedding(c0)
         if n_classes:
             self.class_embedding = nn.Embedding(n_classes + 1, t_dim)  # row n_classes: "no class"
             nn.init.zeros_(self.class_embedding.weight)
-        c_in = 2 * patch if self_cond else patch  # x_t, then the previous guess z_prev
-        self.stem = nn.Sequential(nn.PixelUnshuffle(unshuffle), nn.Conv2d(c_in, c0, 3, padding=1))
+        self.stem = nn.Sequential(nn.PixelUnshuffle(unshuffle), nn.Conv2d(patch, c0, 3, padding=1))
         self.down, skip_channels, ch = nn.ModuleList(), [c0], c0
         for level, c in enumerate(channels):
             for _ in range(blocks):
@@ -447,15 +442,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[2].weight)
         nn.init.zeros_(self.head[2].bias)
 
-    def forward(self, x, t, c=None, z_prev=None):
+    def forward(self, x, t, c=None):
         emb = self.time_embedding(t)
         if self.n_classes:
             if c is None:
                 c = torch.full_like(t, self.n_classes, dtype=torch.long)  # "no class"
             emb = emb + self.class_embedding(c)
-        if self.self_cond:
-            z_prev = torch.zeros_like(x) if z_prev is None else z_prev.to(x.dtype)
-            x = torch.cat([x, z_prev], dim=1)  # (B, 8, 128, 128)
         # `skips` collects the stem's and every down layer's output; the up path
         # consumes them in reverse, so each level meets its own resolution.
         h = self.stem(x)
@@ -472,14 +464,14 @@ class UNet(nn.Module):
                 h = layer(h)
         return self.head(h)  # (B, 4, 128, 128)
 
-    def velocity(self, x, t, c=None, z_prev=None):
+    def velocity(self, x, t, c=None):
         """u_theta(x, t, c), whatever the network's raw output means."""
-        out = self(x, t, c, z_prev)
+        out = self(x, t, c)
         return out if self.target == "velocity" else velocity_from_data(out, x, t, self.schedule)
 
-    def clean(self, x, t, c=None, z_prev=None):
+    def clean(self, x, t, c=None):
         """z_hat(x, t, c): the sprite the flow is heading for, as the network sees it at t."""
-        out = self(x, t, c, z_prev)
+        out = self(x, t, c)
         return out if self.target == "data" else data_from_velocity(out, x, t, self.schedule)
 
 
@@ -555,20 +547,6 @@ class UNet(nn.Module):
 # clamping moves each coordinate towards any valid z, so it only removes error.
 # A guided call costs about twice an unguided one: both fields come from one
 # network call on a batch of 2B (class c, then "no class"), or from two networks.
-#
-# Self-conditioning. A network that sees only x_t decides every pixel's colour
-# afresh at every call, from noise that is still large where colours are
-# chosen. Neighbouring pixels of one tunic can then settle on near-miss hues,
-# each plausible alone. A self-conditioned network (section 4) is also given
-# its own last guess z_prev, so it can keep a decision about a region from one
-# call to the next and refine it:
-#
-#     z_hat_k = z_hat(x_k, t_k, z_prev = z_hat_{k-1}),   z_hat_{-1} = 0
-#
-# The field now depends on the path taken, not only on (x, t), which costs
-# nothing at sampling time: the guess is one every solver has just made. Each
-# guided field keeps its own memory (the conditional and the unconditional
-# guess), and a new integration starts from z_prev = 0. Section 7 trains it.
 # -----------------------------------------------------------------------------
 
 SAMPLERS = ("heun", "multistep", "euler", "sde")
@@ -684,29 +662,19 @@ def integrate(clean, x, solver, sched, frames=None):
 
 def guided_clean(model, c=None, w=1.0, guide=None, bf16=False):
     """z_w(x, t): the clean-sprite guess for labels c (B,) or None, guided as above by
-    classifier-free guidance (a model with classes) or by the guide (luminance and alpha).
-    A self-conditioned network is fed each field's own previous guess, so make one
-    closure per integration: it remembers the calls it has made."""
+    classifier-free guidance (a model with classes) or by the guide (luminance and alpha)."""
     weak = (model.n_classes > 0 and c is not None) or guide is not None
-    prev_main = prev_weak = None  # the last guesses (B, 4, 128, 128), None before the first
 
     def clean(x, t):
-        nonlocal prev_main, prev_weak
         with autocast(x.device, bf16):  # Part II: bf16 where it pays
             if w == 1 or not weak:
-                z_main = model.clean(x, t, c, prev_main).float()
-                prev_main = z_main.clamp(-1, 1)
-                return z_main
+                return model.clean(x, t, c).float()
             if guide is None:  # one batched call: conditional and unconditional halves
                 none = torch.full_like(c, model.n_classes)
-                prev = None if prev_main is None else torch.cat([prev_main, prev_weak])
-                both = model.clean(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, none]), prev)
+                both = model.clean(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, none]))
                 z_main, z_weak = both.float().chunk(2)
             else:
-                z_main = model.clean(x, t, c, prev_main).float()
-                z_weak = guide.clean(x, t, None, prev_weak).float()
-            prev_main, prev_weak = z_main.clamp(-1, 1), z_weak.clamp(-1, 1)
-            if guide is not None:
+                z_main, z_weak = model.clean(x, t, c).float(), guide.clean(x, t).float()
                 grey = (z_main - z_weak)[:, :3].mean(1, keepdim=True)  # grey part of the gap
                 z_weak = torch.cat([z_main[:, :3] - grey, z_weak[:, 3:]], 1)  # main's chroma
         return (z_weak + w * (z_main - z_weak)).clamp(-1, 1)
@@ -819,13 +787,6 @@ def lr_at(step, base_lr, warmup):
 # gradient is not finite is skipped, weights and EMA untouched; several in a
 # row mean the weights themselves have gone bad, and the run stops.
 #
-# Self-conditioning (section 5) is trained in two passes: in half the batches
-# the network first guesses z_hat from x_t alone, without gradient, and the
-# loss is taken on a second pass that sees that guess (clamped, as sampling
-# clamps it); in the other half it sees z_prev = 0, as at a sampler's first
-# call. So one network learns both calls, for about a sixth more compute per
-# step (half the batches pay one more forward pass, a third of a step's cost).
-#
 # Autoguidance's guide (section 5) is a frozen copy of the EMA taken when
 # guide_fraction of the budget is spent: the same network, trained 8x less.
 # `cfg` is a TrainConfig (Part II): every knob of the recipe, each a --flag of
@@ -848,24 +809,12 @@ def drop_labels(c, p, n_classes, generator):
     return torch.where(dropped, n_classes, c)
 
 
-def first_guess(model, x_t, t, c, target, sched):
-    """Self-conditioning's first pass: the clean-sprite guess (B, 4, 128, 128) from x_t
-    alone (z_prev = 0), clamped to [-1, 1] as the samplers clamp it, and without gradient:
-    the network learns to use a guess, not to steer its own first one."""
-    with torch.no_grad():
-        out = model(x_t, t, c).float()
-        z_hat = out if target == "data" else data_from_velocity(out, x_t, t, sched)
-    return z_hat.clamp(-1, 1)
-
-
-def flow_matching_loss(model, z, t, eps, c, target, sched, weight_cap=None, guess=False):
+def flow_matching_loss(model, z, t, eps, c, target, sched, weight_cap=None):
     """Per-sample loss (B,): || u_theta(x_t, t, c) - u_t(x_t | z) ||^2, averaged over pixels.
     For x-prediction this is w(t) || z_hat - z ||^2, w capped at `weight_cap` when given
-    (training; validation leaves it uncapped). With `guess`, the network first makes a guess
-    and sees it (self-conditioning). `model` may be a DDP wrapper, so it is called."""
+    (training; validation leaves it uncapped). `model` may be a DDP wrapper, so it is called."""
     x_t = sample_path(z, t, eps, sched)
-    z_prev = first_guess(model, x_t, t, c, target, sched) if guess else None
-    out = model(x_t, t, c, z_prev).float()
+    out = model(x_t, t, c).float()
     if target == "velocity":
         return (out - conditional_vector_field(z, t, eps, sched)).pow(2).flatten(1).mean(1)
     w = data_coefficients(t, sched, t)[0] ** 2  # (B,): u(z_hat) - u(z) = a (z_hat - z)
@@ -906,8 +855,7 @@ def build_model(cfg, device, n_classes=0):
     there is compute to spare for finer positions."""
     unshuffle = cfg.unshuffle or (4 if device.type == "cpu" else 2)
     widths = tuple(int(c) for c in cfg.channels.split(","))
-    return UNet(widths, cfg.blocks, unshuffle, cfg.target, cfg.schedule, n_classes,
-                self_cond=cfg.self_cond)
+    return UNet(widths, cfg.blocks, unshuffle, cfg.target, cfg.schedule, n_classes)
 
 
 def draw_batch(data, cfg, gen):
@@ -929,12 +877,10 @@ def train_step(net, opt, z, c, cfg, gen, amp, lr):
     gradient norm, whether the step was taken: not when the gradient is not finite)."""
     t = sample_t(len(z), cfg.t_shift, gen, z.device)  # (B,)
     eps = torch.randn(z.shape, generator=gen, device=z.device)  # (B, 4, 128, 128)
-    guess = cfg.self_cond and bool(torch.rand((), generator=gen, device=z.device) < 0.5)
     for group in opt.param_groups:
         group["lr"] = lr
     with amp:
-        per_sample = flow_matching_loss(net, z, t, eps, c, cfg.target, cfg.schedule,
-                                        cfg.weight_cap, guess)
+        per_sample = flow_matching_loss(net, z, t, eps, c, cfg.target, cfg.schedule, cfg.weight_cap)
     opt.zero_grad(set_to_none=True)
     per_sample.mean().backward()
     params = opt.param_groups[0]["params"]
@@ -958,8 +904,7 @@ def validation_loss(model, data, cfg, bf16, batch_size=64):
         eps = torch.randn(z.shape, generator=gen).to(device)
         c = None if data.val_y is None else data.val_y[i:i + batch_size].to(device)
         with autocast(device, bf16):
-            loss = flow_matching_loss(model, z, t, eps, c, cfg.target, cfg.schedule,
-                                      guess=model.self_cond)
+            loss = flow_matching_loss(model, z, t, eps, c, cfg.target, cfg.schedule)
         total += loss.sum().item()
     return total / len(data.val_x)
 
@@ -1366,7 +1311,6 @@ class TrainConfig:
     flip: bool = option(True, "random horizontal flips")
     labels: bool = option(True, "classes from subfolders; --no-labels trains one model for all")
     label_dropout: float = option(0.1, "share of steps without the class (for guidance)")
-    self_cond: bool = option(False, "self-conditioning: the network also sees its last guess")
     guide: str = option("auto", "keep an early EMA snapshot for sample --guidance with no "
                                 "classes (auto: when there are no classes)", ("auto", "on", "off"))
     guide_fraction: float = option(0.125, "share of the budget after which the guide is taken")
@@ -1771,7 +1715,6 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt["config"].setdefault("self_cond", False)  # older runs were not self-conditioned
         TrainConfig(**ckpt["config"])  # an older version's options fail here
         complete = {"model", "ema", "step", "unshuffle", "grid"} <= ckpt.keys()
     except Exception:  # torch.load raises many types for a damaged file
@@ -2122,10 +2065,10 @@ def write_trajectory(model, noise, labels, guidance, guide, solver, bf16, out):
     the solver there (guided, with its class), which shows when a sprite is decided."""
     x = noise[:4].to(next(model.parameters()).device)
     c = None if labels is None else labels[:4].to(x.device)
+    clean = guided_clean(model, c, guidance, guide, bf16)
     frames = [x]
-    integrate(guided_clean(model, c, guidance, guide, bf16), x, solver, model.schedule, frames)
-    clean = guided_clean(model, c, guidance, guide, bf16)  # a self-conditioned guess sees the
-    ts, rows = time_grid(solver.steps), []  # row above's; one per integration (section 5)
+    integrate(clean, x, solver, model.schedule, frames)
+    ts, rows = time_grid(solver.steps), []
     for i in sorted({round(k * solver.steps / 8) for k in range(9)}):
         z_hat = clean(frames[i], at(frames[i], ts[i]))
         state = to_uint8(frames[i], binary_alpha=(i == solver.steps))
@@ -2261,8 +2204,9 @@ def cmd_edit(args, model, steering, ckpt, device, out):
 def cmd_invert(args, model, ckpt, device, out):
     """invert SPRITE: sprite -> noise -> sprite, its RMS error, and a picture of the three."""
     z = read_sprite(args.sprite, device)
-    x0 = invert(velocity_of(guided_clean(model), model.schedule), z, args.steps)
-    back = sample_heun(velocity_of(guided_clean(model), model.schedule), x0, args.steps)
+    velocity = velocity_of(guided_clean(model), model.schedule)
+    x0 = invert(velocity, z, args.steps)
+    back = sample_heun(velocity, x0, args.steps)
     back_uint8 = to_uint8(snap_to_grid(back, ckpt["grid"]))
     row = [to_uint8(z), to_uint8(x0 / 3, binary_alpha=False), back_uint8]
     save_png(sprite_sheet(torch.cat(row), 3), out / "roundtrip.png")
@@ -2277,12 +2221,12 @@ def cmd_invert(args, model, ckpt, device, out):
 def cmd_interpolate(args, model, ckpt, device, out):
     """interpolate A B: sprites along the slerp between two noises (of seeds, or of sprites
     by inversion), as a strip and a GIF that goes there and back."""
+    velocity = velocity_of(guided_clean(model), model.schedule)
     ends = []
     for end in (args.a, args.b):
         if end.lstrip("-").isdigit():
             ends.append(gaussian_noise(1, int(end)).to(device))
         else:
-            velocity = velocity_of(guided_clean(model), model.schedule)  # one per integration
             ends.append(invert(velocity, read_sprite(end, device), args.steps))
     noise = torch.cat([slerp(*ends, float(s)) for s in torch.linspace(0, 1, args.frames)])
     sprites = generate(model, noise, solver=Solver("heun", args.steps), grid=ckpt["grid"])

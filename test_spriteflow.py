@@ -688,26 +688,6 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "3", "4", "6"]
 
 
-def test_a_self_conditioned_run_resumes_exactly_and_old_checkpoints_load(tmp_path, class_run):
-    """With --self-cond the coin for the first guess comes from the run's one generator, so
-    stop-and-resume still equals a straight run bit for bit; a checkpoint whose config
-    predates the option loads as a network without self-conditioning."""
-    data = write_sprites(tmp_path / "d", 6)
-    straight = sf.train(tiny_config(data, tmp_path / "a", self_cond=True))
-    sf.train(tiny_config(data, tmp_path / "b", self_cond=True), stop_after=3)
-    resumed = sf.train(tiny_config(data, tmp_path / "b", resume=True))
-    a = torch.load(straight / "last.pt", weights_only=True)
-    b = torch.load(resumed / "last.pt", weights_only=True)
-    assert_same_training_state(a, b)
-    model, _, _ = sf.load_models(straight / "last.pt")
-    assert model.self_cond
-    old = torch.load(class_run[1], weights_only=True)
-    del old["config"]["self_cond"]
-    torch.save(old, tmp_path / "old.pt")
-    model, _, _ = sf.load_models(tmp_path / "old.pt")
-    assert not model.self_cond
-
-
 def test_a_longer_budget_on_resume_continues_the_same_lr_schedule(tmp_path):
     """A 6-step run resumed with --max-steps 12 ends bit for bit where a straight 12-step run
     ends (weights, EMA, AdamW moments): the LR depends on the step alone, never on the budget,
@@ -1178,65 +1158,6 @@ def test_guidance_weight_one_is_the_conditional_model_and_zero_the_weak_one():
         two = sf.guided_clean(model, c, 2.0)(x, t)
         expected = (2 * model.clean(x, t, c) - model.clean(x, t, None)).clamp(-1, 1)
         assert torch.allclose(two, expected, atol=1e-5)
-
-
-class GuessRecorder(torch.nn.Module):
-    """A stand-in network with clean(x, t, c, z_prev) that records the z_prev it is fed and
-    returns a guess that depends on x, t and c, partly outside [-1, 1]."""
-
-    def __init__(self, n_classes=0):
-        super().__init__()
-        self.n_classes, self.fed = n_classes, []
-
-    def clean(self, x, t, c=None, z_prev=None):
-        self.fed.append(None if z_prev is None else z_prev.clone())
-        shift = 0.0 if c is None else 0.1 * sf.expand(c.float(), x)
-        return 2.0 * x * sf.expand(t + 0.5, x) + shift
-
-
-@pytest.mark.parametrize("method", ["multistep", "heun", "euler"])
-def test_samplers_feed_a_self_conditioned_network_its_previous_guess(method):
-    """Self-conditioning at sampling time: call k of clean(x, t) is given z_prev = the
-    clamped guess of call k - 1 (nothing at the first call), and guidance keeps one memory
-    per field: the conditional half is fed its own last guess, the unconditional half its."""
-    x0 = torch.randn(2, 4, 128, 128, generator=torch.Generator().manual_seed(0))
-    net = GuessRecorder()
-    clean, returned = sf.guided_clean(net), []
-
-    def recorded(x, t):
-        z = clean(x, t)
-        returned.append(z.clamp(-1, 1))
-        return z
-
-    sf.integrate(recorded, x0, sf.Solver(method, 3), "linear")
-    assert net.fed[0] is None and len(returned) == sf.Solver(method, 3).calls()
-    for k in range(1, len(returned)):
-        assert torch.equal(net.fed[k], returned[k - 1])
-    guided = GuessRecorder(n_classes=2)
-    c = torch.tensor([0, 1])
-    cfg_clean = sf.guided_clean(guided, c, 2.0)
-    first = cfg_clean(x0, sf.at(x0, 0.3))
-    cfg_clean(x0, sf.at(x0, 0.5))
-    halves = guided.fed[1].chunk(2)
-    both = guided.clean(torch.cat([x0, x0]), sf.at(torch.cat([x0, x0]), 0.3),
-                        torch.tensor([0, 1, 2, 2]))
-    assert guided.fed[0] is None and not torch.equal(halves[0], halves[1])
-    assert torch.equal(halves[0], both[:2].clamp(-1, 1))
-    assert torch.equal(halves[1], both[2:].clamp(-1, 1))
-    assert not torch.equal(first, halves[0])  # the guided guess is not what either half sees
-
-
-def test_a_self_conditioned_unet_reads_its_guess_and_none_means_zeros():
-    """UNet(self_cond=True) takes z_prev as 4 more input channels: z_prev = None is the
-    same as z_prev = 0, and another z_prev changes the output."""
-    model = perturbed(sf.UNet((16, 32), 1, 4, self_cond=True)).eval()
-    x, t = torch.randn(2, 4, 128, 128), torch.full((2,), 0.4)
-    with torch.no_grad():
-        none, zeros = model(x, t), model(x, t, None, torch.zeros_like(x))
-        other = model(x, t, None, torch.rand_like(x) * 2 - 1)
-    assert torch.equal(none, zeros)
-    assert (other - none).abs().max() > 1e-4
-    assert model.stem[1].in_channels == 2 * sf.UNet((16, 32), 1, 4).stem[1].in_channels
 
 
 @pytest.fixture(scope="module")
