@@ -1620,7 +1620,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.turnarounds is not None:
         n = write_turnarounds(args.turnarounds, args.seed, args.per_kind, args.grid)
-        print(f"{n} characters x 4 views (seed {args.seed}, grid {args.grid}) -> {args.turnarounds}")
+        where = args.turnarounds
+        print(f"{n} characters x 4 views (seed {args.seed}, grid {args.grid}) -> {where}")
         return
 
     first = {kind: [] for kind in KINDS}     # the first 8 sprites of each kind
