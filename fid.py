@@ -952,9 +952,10 @@ def histogram_distance(a, b):
 
 
 def view_consistency(characters, levels=VIEW_LEVELS):
-    """uint8 (N, V, H, W, 4) characters -> {n_characters, views, own, strangers, ratio,
-    pairs: {"k-l": [own, strangers]}, own_per_character (N,)}: the colour-histogram
-    distances above, averaged over characters and view pairs."""
+    """uint8 (N, V, H, W, 4) characters -> {n_characters, views, empty_views, own, strangers,
+    ratio, pairs: {"k-l": [own, strangers]}, own_per_character (N,)}: the colour-histogram
+    distances above, averaged over characters and view pairs (two empty views count as
+    the same, so empty_views says how many there are)."""
     chars = _uint8_tensor(characters)
     n, v = chars.shape[:2]
     if n < 2 or v < 2:
@@ -969,9 +970,10 @@ def view_consistency(characters, levels=VIEW_LEVELS):
             strangers = histogram_distance(hist[:, k], stranger[:, l])
             own_sum += own
             pairs[f"{k}-{l}"] = [round(own.mean().item(), 4), round(strangers.mean().item(), 4)]
+    empty = int((hist.sum(-1) == 0).sum())  # an empty view matches another empty one: say so
     own_mean = sum(o for o, _ in pairs.values()) / len(pairs)
     strangers_mean = sum(s for _, s in pairs.values()) / len(pairs)
-    return {"n_characters": n, "views": v, "own": round(own_mean, 4),
+    return {"n_characters": n, "views": v, "empty_views": empty, "own": round(own_mean, 4),
             "strangers": round(strangers_mean, 4),
             "ratio": round(own_mean / max(strangers_mean, 1e-12), 3), "pairs": pairs,
             "own_per_character": (own_sum / len(pairs)).tolist()}
@@ -1112,6 +1114,9 @@ def sample_checkpoint(path, args, device):
         model, guide, ckpt = spriteflow.load_models(str(path), device)
     except spriteflow.UserError as e:
         raise FIDError(str(e).rstrip(".") + ".") from None
+    if model.views > 1:
+        raise FIDError(f"{path} draws characters of {model.views} views; sample it with "
+                       "spriteflow.py and score the folder, or use fid.py views.")
     sampler = args.sampler or spriteflow.DEFAULT_SAMPLER
     steps = args.steps or spriteflow.DEFAULT_STEPS
     classes = ckpt["classes"]

@@ -1223,7 +1223,7 @@ def check_loaded(folder, arrays, names):
 #
 # * Character folders: one folder per character holding exactly V images, its views
 #   in name order (0_front.png, 1_left.png, 2_back.png, 3_right.png for V = 4).
-#   Character folders may sit in class folders: turnarounds/orc/c0007/0_front.png.
+#   Character folders may sit in class folders: turnarounds/orc/c00012/0_front.png.
 # * Sprite sheets, with --cell WxH: every image is a sheet cut into WxH cells, and
 #   fully transparent cells are skipped. Game sheets put directions in rows and
 #   animation frames in columns, so the rows go in blocks of V: in each block,
@@ -2644,7 +2644,8 @@ def build_parser():
                                                          "(at least 2; default: 9)")
     sub.choices["invert"].add_argument("sprite", help="sprite image file")
     p = sub.choices["sample"]
-    p.add_argument("--n", type=int, default=16, help="number of sprites (default: 16)")
+    p.add_argument("--n", type=int, default=16, help="number of sprites, or of characters for a "
+                                                     "--views checkpoint (default: 16)")
     p.add_argument("--class", dest="class_names", default="",
                    help="class name or comma list (default: all, as many as in training)")
     p.add_argument("--guidance", type=float, default=None,

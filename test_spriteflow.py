@@ -2706,3 +2706,43 @@ def test_checkpoint_sampling_defaults_come_from_spriteflow(monkeypatch, capsys):
     monkeypatch.undo()
     sample = sf.build_parser().parse_args(["sample"])
     assert (sample.sampler, sample.steps) == (sf.DEFAULT_SAMPLER, sf.DEFAULT_STEPS)
+
+
+def test_view_consistency_is_0_for_views_of_one_palette_and_1_for_disjoint_palettes():
+    """D(a, b) = 1/2 sum |h_a - h_b| over 8-level colour histograms of opaque pixels: views
+    that rearrange one character's colours are at distance 0 whatever their shapes, and
+    characters with no colour in common are strangers at distance 1; transparent pixels
+    do not count."""
+    rng = np.random.default_rng(0)
+    chars = np.zeros((3, 4, 16, 16, 4), np.uint8)
+    for i in range(3):
+        base = np.full((16, 16, 4), 255, np.uint8)
+        base[:8, :, :3] = (64 * i, 0, 0)
+        base[8:, :, :3] = (64 * i, 255, 0)
+        for k in range(4):
+            chars[i, k] = rng.permutation(base.reshape(-1, 4)).reshape(16, 16, 4)
+    chars[0, 1, 0, :, 3] = 0  # a transparent row does not count,
+    chars[0, 1, 1:9, :, :3] = 0  # and half of view 1 turns to the character's first colour
+    result = fid.view_consistency(chars)
+    assert result["strangers"] == 1.0 and result["empty_views"] == 0
+    assert result["pairs"]["2-3"] == [0.0, 1.0]
+    assert result["own_per_character"][1] == 0.0 and result["own_per_character"][0] > 0
+
+
+def test_fid_views_reads_character_folders_and_views_sample_folders(tmp_path, capsys):
+    """`fid.py views` takes character folders (V from their file count) and the folder that
+    `sample` writes for a views checkpoint (characters and views from sheet.json), one JSON
+    line each; a folder of single sprites is one sentence."""
+    write_characters(tmp_path / "chars", 3, 2)
+    sprites = torch.from_numpy(np.stack([sf.load_rgba(p) for p in
+                                         sorted((tmp_path / "chars").rglob("*.png"))]))
+    (tmp_path / "s").mkdir()
+    sf.write_sprites(tmp_path / "s", sprites, views=2)
+    assert fid.main(["views", tmp_path / "chars", tmp_path / "s", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["n_characters"] for r in lines] == [3, 3] and lines[0]["views"] == 2
+    assert lines[0]["own"] == lines[1]["own"] and lines[0]["strangers"] == lines[1]["strangers"]
+    (tmp_path / "single").mkdir()
+    sf.write_sprites(tmp_path / "single", sprites)
+    assert fid.main(["views", tmp_path / "single"]) == 2
+    assert "names no views" in capsys.readouterr().err

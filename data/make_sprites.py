@@ -40,9 +40,15 @@ Usage (from the repository root):
     python data/make_sprites.py --no-images --sheet data/contact_sheet.png
     python data/make_sprites.py --grid 64 --count 16 --out /tmp/hires
     python data/make_sprites.py --flat --out /tmp/flat    # no kind folders
+    python data/make_sprites.py --turnarounds data/turnarounds   # 64 per kind in 4 views
 
 Sprite i is saved as <out>/<kind>/sprite_<i:05d>.png, one folder per body kind
 (the torchvision ImageFolder layout: the folder name is the class label).
+
+With --turnarounds, the first 64 characters of every kind are drawn from four sides
+(front, left, back, right; see make_turnaround()) and saved at the art's native size as
+<out>/<kind>/c<index:05d>/0_front.png ... 3_right.png, one folder per character: the
+layout `spriteflow.py train --views 4` reads. Their fronts are the sprites above.
 
 Rerunning with the same options rewrites the same files byte for byte.
 """
