@@ -20,6 +20,7 @@ Weight-free sprite measures (section 6; nothing to download, seconds on a CPU):
 
     python fid.py measure samples/ --data data/images   # pixel-art, saturation, random-feature FD
     python fid.py nearest samples/ --data data/images --sheet nn.png   # memorisation check
+    python fid.py views data/turnarounds samples/        # do one character's views agree?
 
 FID, the Frechet Inception Distance (Heusel et al., 2017), fits a Gaussian to
 each cloud (mean mu, covariance sigma) and takes the Frechet (2-Wasserstein)
@@ -913,13 +914,88 @@ def nearest_sheet(samples, train, indices, pairs_per_row=8):
     return spriteflow.sprite_sheet(pairs, cols=2 * max(1, min(pairs_per_row, len(samples))))
 
 
+# Do the views of one character agree? (spriteflow.py train --views draws characters of
+# V views.) A character keeps its palette in every direction: the coat is the same blue
+# from the front and from the back, even where the shapes differ completely. So we
+# compare colours and ignore where they are: each view becomes the histogram of its
+# opaque pixels' colours, 8 levels per channel (512 cells, summing to 1), and two views
+# are as far apart as the total-variation distance of their histograms,
+#
+#     D(a, b) = 1/2 sum_c |h_a(c) - h_b(c)|     0: the same colours in the same shares,
+#                                                1: no colour in common.
+#
+# "own" averages D over every pair of views (k, l) of the same character; "strangers"
+# averages D between view k of one character and view l of another (each character is
+# paired with the one before it, a fixed derangement). Views drawn for one character
+# should score near the data's own value, far below its strangers; views sampled
+# independently score like strangers. Only the colours are compared: a model that
+# draws the same front four times scores 0 on this measure, so look at the views too.
+
+VIEW_LEVELS = 8
+
+
+def colour_histograms(images, levels=VIEW_LEVELS):
+    """uint8 (N, H, W, 4) -> float (N, levels^3): the share of each colour cell among the
+    opaque pixels of each sprite (all zeros for an empty sprite)."""
+    images = _uint8_tensor(images)
+    rgb = images[..., :3].long() * levels // 256  # (N, H, W, 3), levels per channel
+    cell = (rgb[..., 0] * levels + rgb[..., 1]) * levels + rgb[..., 2]  # (N, H, W)
+    opaque = (images[..., 3] > 127).double()
+    hist = torch.zeros(len(images), levels ** 3, dtype=torch.float64)
+    hist.scatter_add_(1, cell.flatten(1), opaque.flatten(1))
+    return hist / hist.sum(1, keepdim=True).clamp(min=1)
+
+
+def histogram_distance(a, b):
+    """Total-variation distance between normalised histograms (..., cells): 0 to 1."""
+    return 0.5 * (a - b).abs().sum(-1)
+
+
+def view_consistency(characters, levels=VIEW_LEVELS):
+    """uint8 (N, V, H, W, 4) characters -> {n_characters, views, empty_views, own, strangers,
+    ratio, pairs: {"k-l": [own, strangers]}, own_per_character (N,)}: the colour-histogram
+    distances above, averaged over characters and view pairs (two empty views count as
+    the same, so empty_views says how many there are)."""
+    chars = _uint8_tensor(characters)
+    n, v = chars.shape[:2]
+    if n < 2 or v < 2:
+        raise FIDError(f"The view consistency needs 2 or more characters of 2 or more views, "
+                       f"got {n} of {v}.")
+    hist = colour_histograms(chars.flatten(0, 1), levels).view(n, v, -1)  # (N, V, cells)
+    stranger = hist.roll(1, dims=0)  # character i's stranger: character i - 1
+    pairs, own_sum = {}, torch.zeros(n, dtype=torch.float64)
+    for k in range(v):
+        for l in range(k + 1, v):
+            own = histogram_distance(hist[:, k], hist[:, l])  # (N,)
+            strangers = histogram_distance(hist[:, k], stranger[:, l])
+            own_sum += own
+            pairs[f"{k}-{l}"] = [round(own.mean().item(), 4), round(strangers.mean().item(), 4)]
+    empty = int((hist.sum(-1) == 0).sum())  # an empty view matches another empty one: say so
+    own_mean = sum(o for o, _ in pairs.values()) / len(pairs)
+    strangers_mean = sum(s for _, s in pairs.values()) / len(pairs)
+    return {"n_characters": n, "views": v, "empty_views": empty, "own": round(own_mean, 4),
+            "strangers": round(strangers_mean, 4),
+            "ratio": round(own_mean / max(strangers_mean, 1e-12), 3), "pairs": pairs,
+            "own_per_character": (own_sum / len(pairs)).tolist()}
+
+
+def view_distance_to_truth(drawn, truth, skip=(), levels=VIEW_LEVELS):
+    """Mean colour-histogram distance between drawn view k and true view k of the same
+    characters, uint8 (N, V, H, W, 4) each, over the views not in `skip` (the given one)."""
+    drawn, truth = _uint8_tensor(drawn), _uint8_tensor(truth)
+    views = [k for k in range(drawn.shape[1]) if k not in skip]
+    a = colour_histograms(drawn[:, views].flatten(0, 1), levels)
+    b = colour_histograms(truth[:, views].flatten(0, 1), levels)
+    return round(histogram_distance(a, b).mean().item(), 4)
+
+
 # -----------------------------------------------------------------------------
 # 7. Command line
 #
 # argparse's subparsers would claim the first word of every command line, yet
 # `python fid.py A B` must work whatever the folders are called. So main()
-# looks at the first argument itself: only the exact words "measure" and
-# "nearest" pick a subcommand, and a folder of that name is given as ./measure.
+# looks at the first argument itself: only the exact words "measure", "nearest"
+# and "views" pick a subcommand, and a folder of that name is given as ./measure.
 # Each command has its own small parser, so its --help lists only its flags.
 # measure and nearest load sprites as the trainer does (spriteflow.load_folder)
 # and end with one JSON line, for scripts to read.
@@ -928,7 +1004,8 @@ SHEET_PAIRS = 64
 USAGE = """%(prog)s [options] PATH_A [PATH_B]
        %(prog)s [options] PATH_A --save-stats OUT.npz
        %(prog)s measure SAMPLES [--data DATA] [--n-data N] [--seed S] [--json]
-       %(prog)s nearest SAMPLES [--data DATA] [--sheet OUT.png] [--json]"""
+       %(prog)s nearest SAMPLES [--data DATA] [--sheet OUT.png] [--json]
+       %(prog)s views FOLDER [FOLDER ...] [--json]"""
 DESCRIPTION = """FID and KID between two sets of images: folders, .npz statistics or a
 SpriteFlow checkpoint to sample from. measure and nearest are weight-free
 sprite measures (see fid.py measure --help); a first argument of exactly
@@ -999,6 +1076,17 @@ def sprite_parser(name):
     return p
 
 
+def views_parser():
+    """The parser of `fid.py views`: folders of characters, --json."""
+    p = Parser(prog="fid.py views", description="Colour consistency between the views of one "
+               "character, against views of two different characters (section 6).")
+    p.add_argument("folders", metavar="FOLDER", nargs="+",
+                   help="character folders (spriteflow.py train --views layout), or a "
+                        "`spriteflow.py sample` folder of a views checkpoint")
+    p.add_argument("--json", action="store_true", help="print only the JSON lines")
+    return p
+
+
 def load_stats_file(path):
     """A pytorch-fid style .npz with 'mu' (d,) and 'sigma' (d, d) -> (mu, sigma)."""
     try:
@@ -1026,6 +1114,9 @@ def sample_checkpoint(path, args, device):
         model, guide, ckpt = spriteflow.load_models(str(path), device)
     except spriteflow.UserError as e:
         raise FIDError(str(e).rstrip(".") + ".") from None
+    if model.views > 1:
+        raise FIDError(f"{path} draws characters of {model.views} views; sample it with "
+                       "spriteflow.py and score the folder, or use fid.py views.")
     sampler = args.sampler or spriteflow.DEFAULT_SAMPLER
     steps = args.steps or spriteflow.DEFAULT_STEPS
     classes = ckpt["classes"]
@@ -1143,6 +1234,47 @@ def load_sprites(folder, side):
     return images.permute(0, 2, 3, 1).contiguous(), names, y
 
 
+def load_views(folder):
+    """A folder of characters -> uint8 (N, V, 128, 128, 4): a `spriteflow.py sample` folder
+    (sheet.json names each frame's character and view), or character folders of V views."""
+    spriteflow, folder = _spriteflow(), Path(folder)
+    if not folder.is_dir():
+        raise FIDError(f"{folder} is not a folder.")
+    if (folder / "sheet.json").is_file():
+        frames = json.loads((folder / "sheet.json").read_text())["frames"]
+        if not frames or "view" not in frames[0]:
+            raise FIDError(f"{folder} holds single sprites; its sheet.json names no views.")
+        n, v = max(f["character"] for f in frames) + 1, max(f["view"] for f in frames) + 1
+        images = np.zeros((n, v, 128, 128, 4), np.uint8)
+        for f in frames:
+            images[f["character"], f["view"]] = spriteflow.load_rgba(folder / f["filename"])
+        return torch.from_numpy(images)
+    counts = {}
+    for p in folder.rglob("*"):
+        if p.is_file() and p.suffix.lower() in spriteflow.IMAGE_SUFFIXES:
+            counts[p.parent] = counts.get(p.parent, 0) + 1
+    if not counts:
+        raise FIDError(f"{folder} holds no PNG, GIF, WebP or BMP images.")
+    try:
+        x = spriteflow.load_examples(folder, views=min(counts.values()), labels=False)[0]
+    except spriteflow.UserError as e:
+        raise FIDError(f"Could not load the characters in {folder} ({e}).") from None
+    return x.unflatten(1, (-1, 4)).permute(0, 1, 3, 4, 2).contiguous()  # (N, V, H, W, 4)
+
+
+def run_views(args):
+    """fid.py views: the view consistency of every folder, one line and one JSON line each."""
+    for folder in args.folders:
+        result = view_consistency(load_views(folder))
+        del result["own_per_character"]
+        if not args.json:
+            print(f"{folder}: {result['n_characters']} characters of {result['views']} views; "
+                  f"colour distance between the views of one character {result['own']:.4f}, "
+                  f"of two characters (strangers) {result['strangers']:.4f} "
+                  f"(ratio {result['ratio']:.3f})")
+        print(json.dumps({"folder": str(folder), **result}))
+
+
 def run_measure(args):
     """fid.py measure: the sprite measures of the samples and of a random subset of the data,
     and the random-feature Frechet distance between them."""
@@ -1230,7 +1362,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        if argv and argv[0] in ("measure", "nearest"):  # only these exact first words
+        if argv and argv[0] == "views":
+            command, args = run_views, views_parser().parse_args(argv[1:])
+        elif argv and argv[0] in ("measure", "nearest"):  # only these exact first words
             command = run_measure if argv[0] == "measure" else run_nearest
             args = sprite_parser(argv[0]).parse_args(argv[1:])
         else:

@@ -76,13 +76,30 @@ class UserError(Exception):
 # at 4x, so every 4x4 block is one colour. detect_grid (Part II) finds that
 # block size k in the data; snap_to_grid puts samples on it (each block gets the mean colour
 # of its opaque pixels, the least-squares choice for a small symmetric jitter).
+#
+# A character is more than one sprite: a top-down game needs it facing front,
+# left, back and right. With V views, one example is all V sprites of one
+# character stacked along the channels, a tensor (4V, 128, 128) in which view k
+# holds channels 4k..4k+3. The flow then learns the JOINT distribution
+# p(view_0, ..., view_{V-1}) of one character's views: the same palette, gear and
+# proportions in each. Sampling the views one by one from a single-view model
+# draws from the product of the marginals p(view_0) ... p(view_{V-1}) instead,
+# which knows nothing of which front goes with which back: four strangers. The
+# views share positions (the head is at the top of every view), so a
+# convolution of the stacked tensor sees the same body part in all views at once;
+# stacking costs only the wider first and last layers (section 4). V = 1 is the
+# plain single sprite. How sheets and folders become such stacks is Part II.
 # -----------------------------------------------------------------------------
 
 
 def load_rgba(path, size=128):
-    """One image file -> (size, size, 4) uint8: padded to a square whose side divides `size`
+    """One image file -> (size, size, 4) uint8 (square_rgba)."""
+    return square_rgba(open_rgba(path), size)  # Part II: Pillow's many modes, as RGBA
+
+
+def square_rgba(img, size=128):
+    """An RGBA image -> (size, size, 4) uint8: padded to a square whose side divides `size`
     (when the image fits), then resized by nearest neighbour, by a whole number if it can."""
-    img = open_rgba(path)  # Part II: Pillow's many modes and animated files, as RGBA
     side = max(img.size)
     if side <= size:
         side = next(d for d in range(side, size + 1) if size % d == 0)
@@ -108,16 +125,27 @@ def load_folder(folder, size=128, labels=True):
             arrays.append(arr)
             names.append(path.relative_to(folder).as_posix())
     check_loaded(folder, arrays, names)  # Part II: nothing readable, nearly empty images
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 4, size, size)
+    return stack_and_label(folder, arrays, names, labels)
+
+
+def stack_and_label(folder, arrays, names, labels=True, what="images"):
+    """(size, size, 4V) arrays named by their paths -> (uint8 (N, 4V, size, size), names,
+    classes, y): classes from the top-level folders, as load_folder describes."""
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 4V, size, size)
     tops = [name.split("/")[0] if "/" in name else None for name in names]
     classes = sorted(set(tops) - {None})
     if None in tops and classes and labels:
         loose = tops.count(None)
-        warnings.warn(f"{loose} images sit directly in '{folder}', outside the class folders; "
+        warnings.warn(f"{loose} {what} sit directly in '{folder}', outside the class folders; "
                       "training without classes")
     if not labels or len(classes) < 2 or None in tops:
         return x, names, [], None
     return x, names, classes, torch.tensor([classes.index(c) for c in tops])
+
+
+def split_views(x):
+    """(B, 4V, ...) stacked views -> (B V, 4, ...) single sprites, character by character."""
+    return x.reshape(-1, 4, *x.shape[2:])
 
 
 def snap_to_grid(x, k):
@@ -322,6 +350,9 @@ def data_from_velocity(u, x, t, sched):
 #   32x32x64 tensor (factor 4) before the first convolution, and pixel-shuffle
 #   undoes it at the end. Convolutions touch 16x fewer positions, which makes
 #   CPU training practical; a 4x4 block of one colour becomes one position.
+# * Views (section 1): a character of V views is a (4V, 128, 128) image, so only
+#   the stem and the head change, to 4V x 16 channels per position. Everything
+#   between sees all views of a position together, at no extra cost per step.
 # -----------------------------------------------------------------------------
 
 
@@ -403,15 +434,17 @@ class UNet(nn.Module):
               32x32: 3 ResBlocks with skips
         head (B, 32, 32, 32) --conv--> (B, 64, 32, 32) --shuffle--> (B, 4, 128, 128)
 
-    `target` and `schedule` say what the raw output means (section 3).
+    `target` and `schedule` say what the raw output means (section 3). With `views` = V
+    the images are V stacked views, x (B, 4V, 128, 128), and the stem takes 64V channels.
     """
 
     def __init__(self, channels=(32, 64, 128), blocks=2, unshuffle=4, target="data",
-                 schedule="linear", n_classes=0, groups=8):
+                 schedule="linear", n_classes=0, groups=8, views=1):
         super().__init__()
         self.target, self.schedule, self.n_classes = target, schedule, n_classes
+        self.views = views
         c0, t_dim = channels[0], 4 * channels[0]
-        patch = 4 * unshuffle * unshuffle  # channels after pixel-unshuffle
+        patch = 4 * views * unshuffle * unshuffle  # channels after pixel-unshuffle
         self.time_embedding = TimeEmbedding(c0)
         if n_classes:
             self.class_embedding = nn.Embedding(n_classes + 1, t_dim)  # row n_classes: "no class"
@@ -462,7 +495,7 @@ class UNet(nn.Module):
                 h = layer(torch.cat([h, skips.pop()], dim=1), emb)
             else:
                 h = layer(h)
-        return self.head(h)  # (B, 4, 128, 128)
+        return self.head(h)  # (B, 4V, 128, 128)
 
     def velocity(self, x, t, c=None):
         """u_theta(x, t, c), whatever the network's raw output means."""
@@ -675,11 +708,18 @@ def guided_clean(model, c=None, w=1.0, guide=None, bf16=False):
                 z_main, z_weak = both.float().chunk(2)
             else:
                 z_main, z_weak = model.clean(x, t, c).float(), guide.clean(x, t).float()
-                grey = (z_main - z_weak)[:, :3].mean(1, keepdim=True)  # grey part of the gap
-                z_weak = torch.cat([z_main[:, :3] - grey, z_weak[:, 3:]], 1)  # main's chroma
+                z_weak = luminance_guide(z_main, z_weak)
         return (z_weak + w * (z_main - z_weak)).clamp(-1, 1)
 
     return clean
+
+
+def luminance_guide(z_main, z_weak):
+    """The weak guess with the main guess's chroma: only luminance and alpha are guided.
+    Works view by view on stacked views (B, 4V, H, W)."""
+    main, weak = z_main.unflatten(1, (-1, 4)), z_weak.unflatten(1, (-1, 4))  # (B, V, 4, H, W)
+    grey = (main - weak)[:, :, :3].mean(2, keepdim=True)  # the grey part of the gap
+    return torch.cat([main[:, :, :3] - grey, weak[:, :, 3:]], 2).flatten(1, 2)
 
 
 def velocity_of(clean, sched):
@@ -687,27 +727,28 @@ def velocity_of(clean, sched):
     return lambda x, t: velocity_from_data(clean(x, t), x, t, sched)
 
 
-def gaussian_noise(n, seed):
-    """n noises (n, 4, 128, 128) from a CPU generator: the same seed, the same sprites, on
+def gaussian_noise(n, seed, views=1):
+    """n noises (n, 4V, 128, 128) from a CPU generator: the same seed, the same sprites, on
     any device."""
-    return torch.randn(n, 4, 128, 128, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(n, 4 * views, 128, 128, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
 def generate(model, noise, labels=None, guidance=1.0, guide=None, solver=None, grid=1, bf16=False):
-    """Sprites from noises (n, 4, 128, 128) as uint8 (n, 128, 128, 4), snapped to the
-    k = grid pixel grid; labels (n,) or None. Runs in batches of 64."""
+    """Sprites from noises (n, 4V, 128, 128) as uint8 (n V, 128, 128, 4), snapped to the
+    k = grid pixel grid, the V views of each character in a row; labels (n,) or None. Runs
+    in batches of 64."""
     solver = solver or Solver()
     device = next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(noise), 64):
-        x = noise[start:start + 64].to(device)  # (b, 4, 128, 128) at t=0
+        x = noise[start:start + 64].to(device)  # (b, 4V, 128, 128) at t=0
         c = None if labels is None else labels[start:start + 64].to(device)
         clean = guided_clean(model, c, guidance, guide, bf16)
         batch_solver = dataclasses.replace(solver, seed=solver.seed + start)  # the SDE's noise
         x = integrate(clean, x, batch_solver, model.schedule)
-        out.append(to_uint8(snap_to_grid(x, grid)))
+        out.append(to_uint8(snap_to_grid(split_views(x), grid)))
     return torch.cat(out)
 
 
@@ -855,18 +896,33 @@ def build_model(cfg, device, n_classes=0):
     there is compute to spare for finer positions."""
     unshuffle = cfg.unshuffle or (4 if device.type == "cpu" else 2)
     widths = tuple(int(c) for c in cfg.channels.split(","))
-    return UNet(widths, cfg.blocks, unshuffle, cfg.target, cfg.schedule, n_classes)
+    return UNet(widths, cfg.blocks, unshuffle, cfg.target, cfg.schedule, n_classes,
+                views=cfg.views)
+
+
+# A mirrored sprite is another plausible sprite, so training flips half of them. A
+# mirrored turnaround must also swap its left and right views: the mirror image of a
+# character facing left faces right. In the order front, left, back, right (V = 4) that
+# swaps views 1 and 3; other view counts have no agreed order, so they are never flipped.
+MIRRORED_VIEWS = {1: [0], 4: [0, 3, 2, 1]}  # V -> the view each mirrored view comes from
+
+
+def mirror(z):
+    """Stacked views z (B, 4V, H, W) as their mirror image: each view flipped left to right,
+    the left and right views swapped (MIRRORED_VIEWS)."""
+    views = z.flip(-1).unflatten(1, (-1, 4))  # (B, V, 4, H, W)
+    return views[:, MIRRORED_VIEWS[views.shape[1]]].flatten(1, 2)
 
 
 def draw_batch(data, cfg, gen):
-    """A batch of training sprites z (B, 4, 128, 128) in [-1, 1], flipped at random, and
+    """A batch of training sprites z (B, 4V, 128, 128) in [-1, 1], mirrored at random, and
     their labels (B,), some dropped to "no class"; None without classes."""
     B, device = cfg.batch_size, data.train_x.device
     idx = torch.randint(len(data.train_x), (B,), generator=gen, device=device)  # with replacement
     z = to_float(data.train_x[idx])
-    if cfg.flip:
+    if cfg.flip and cfg.views in MIRRORED_VIEWS:
         flip = torch.rand(B, generator=gen, device=device) < 0.5
-        z = torch.where(expand(flip, z), z.flip(-1), z)
+        z = torch.where(expand(flip, z), mirror(z), z)
     if data.train_y is None:
         return z, None
     return z, drop_labels(data.train_y[idx], cfg.label_dropout, len(data.classes), gen)
@@ -876,7 +932,7 @@ def train_step(net, opt, z, c, cfg, gen, amp, lr):
     """One AdamW step on the batch (z, c). Returns (t (B,), per-sample losses (B,), the
     gradient norm, whether the step was taken: not when the gradient is not finite)."""
     t = sample_t(len(z), cfg.t_shift, gen, z.device)  # (B,)
-    eps = torch.randn(z.shape, generator=gen, device=z.device)  # (B, 4, 128, 128)
+    eps = torch.randn(z.shape, generator=gen, device=z.device)  # (B, 4V, 128, 128)
     for group in opt.param_groups:
         group["lr"] = lr
     with amp:
@@ -1023,6 +1079,15 @@ def validate_and_save(cfg, state, data, bf16, lr):
 # y only through the noise; lab record, "Editing".) Known pixels are then
 # copied from y exactly.
 #
+# The other views of a sprite. A model of characters (section 1) knows the joint
+# p(view_0, ..., view_{V-1}); given one view y it should draw the others from the
+# conditional p(other views | view_k = y). That is inpainting again, with a mask
+# over channel groups instead of pixels: m is 0 on the 4 channels of view k and 1
+# elsewhere, so every guess z_hat holds view k equal to y while the unknown views
+# are drawn towards a character whose view k is y. Sampling the missing views
+# independently, or from a model of single sprites, could only match y's
+# marginal statistics; the joint model makes them the same character.
+#
 # How exact is the round trip? Heun has a global error O(h^2) each way, so
 # sprite -> noise -> sprite lands close but not on the sprite, and the error
 # shrinks about 4x when --steps doubles. The network's own error does not
@@ -1049,10 +1114,18 @@ def slerp(a, b, s):
     return expand((1 - s) * na + s * nb, a) * direction
 
 
+def view_mask(views, k):
+    """The mask (1, 4V, 1, 1) that repaints every view but view k."""
+    m = torch.ones(1, views, 4, 1, 1)
+    m[:, k] = 0
+    return m.flatten(1, 2)
+
+
 @torch.no_grad()
 def inpaint(clean, sched, y, m, x, solver):
-    """Repaint the sprite y (B, 4, H, W) where the mask m (B, 1, H, W) is 1, from the noise
-    x, by overwriting the known part of every guess z_hat with y (above)."""
+    """Repaint the sprite y (B, 4V, H, W) where the mask m is 1, from the noise x, by
+    overwriting the known part of every guess z_hat with y (above). m broadcasts against y:
+    (B, 1, H, W) marks pixels, view_mask(V, k) whole views."""
 
     def held(x_t, t):  # the guess, its known part replaced by y
         return m * clean(x_t, t) + (1 - m) * y
@@ -1143,11 +1216,127 @@ def check_loaded(folder, arrays, names):
     """An error if nothing could be read; a warning for images that are nearly empty."""
     if not arrays:
         raise UserError(f"none of the images in '{folder}' could be read")
-    empty = [n for n, a in zip(names, arrays) if (a[..., 3] > 0).mean() < 0.01]
+    empty = [n for n, a in zip(names, arrays) if (a[..., 3::4] > 0).mean() < 0.01]
     if empty:
         warnings.warn(f"{len(empty)} image(s) such as {folder / empty[0]} are nearly empty (under "
                       "1% opaque) after loading; a very wide or tall image shrinks to a sliver "
                       "when padded to a square")
+
+
+# -----------------------------------------------------------------------------
+# Sheets and characters: how V views of one character are found on disk
+#
+# Two layouts give `train --views V` its characters (section 1 stacks their views):
+#
+# * Character folders: one folder per character holding exactly V images, its views
+#   in name order (0_front.png, 1_left.png, 2_back.png, 3_right.png for V = 4).
+#   Character folders may sit in class folders: turnarounds/orc/c00012/0_front.png.
+# * Sprite sheets, with --cell WxH: every image is a sheet cut into WxH cells, and
+#   fully transparent cells are skipped. Game sheets put directions in rows and
+#   animation frames in columns, so the rows go in blocks of V: in each block,
+#   column j holds one character's V views, top to bottom, and every frame column
+#   is one example. Without --views, every non-empty cell is one sprite.
+#
+# Views are stacked in the order found, so all characters must list their views in
+# the same order; V = 4 in the order front, left, back, right is the one that
+# training mirrors (section 7). A sheet that does not divide into cells, or a
+# character missing a view, is an error, never a silent skip: a character with a
+# view missing would teach the network a blank view.
+# -----------------------------------------------------------------------------
+
+
+def parse_cell(text):
+    """'WxH' -> (W, H) in pixels, or one sentence."""
+    w, sep, h = text.lower().partition("x")
+    if not (sep and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+        raise UserError(f"--cell must be WIDTHxHEIGHT in pixels, such as 18x20, got {text!r}")
+    return int(w), int(h)
+
+
+def sheet_cells(path, name, cell):
+    """A sprite sheet -> its cells, a list of rows of RGBA images; one sentence when it does
+    not divide into cells, None and a warning when it cannot be read."""
+    try:
+        img = open_rgba(path)
+    except Exception as e:  # PIL raises many types for broken files
+        warnings.warn(f"skipping unreadable sheet {path}: {e}")
+        return None
+    w, h = cell
+    if img.width % w or img.height % h:
+        raise UserError(f"sheet '{name}' is {img.width}x{img.height} pixels, which does not "
+                        f"divide into {w}x{h} cells (--cell)")
+    return [[img.crop((x, y, x + w, y + h)) for x in range(0, img.width, w)]
+            for y in range(0, img.height, h)]
+
+
+def sheet_characters(rows, name, views):
+    """The characters of one sheet's cells: {example name: its V cells}, column j of each
+    block of V rows being one character; fully transparent columns are skipped."""
+    if len(rows) % views:
+        raise UserError(f"sheet '{name}' has {len(rows)} rows of cells, which do not group "
+                        f"into characters of {views} rows (--views {views})")
+    found = {}
+    for top in range(0, len(rows), views):
+        for j in range(len(rows[0])):
+            cells = [rows[top + k][j] for k in range(views)]
+            drawn = sum(c.getchannel("A").getbbox() is not None for c in cells)
+            if drawn and drawn < views:
+                raise UserError(f"the character in column {j + 1}, rows {top + 1}-{top + views} "
+                                f"of sheet '{name}' has {drawn} of its {views} views; the "
+                                "others are empty cells")
+            if drawn:
+                found[f"{name}#r{top:02d}c{j:02d}"] = cells
+    return found
+
+
+def load_sheets(folder, cell, views=1, size=128, labels=True):
+    """Every sheet under `folder`, cut into cells (see above) -> load_folder's four values,
+    one example per character of V views (channels 4k..4k+3: view k)."""
+    folder = Path(folder)
+    arrays, names = [], []
+    for path in image_files(folder):
+        name = path.relative_to(folder).as_posix()
+        rows = sheet_cells(path, name, parse_cell(cell) if isinstance(cell, str) else cell)
+        for example, cells in ({} if rows is None else sheet_characters(rows, name, views)).items():
+            arrays.append(np.concatenate([square_rgba(c, size) for c in cells], -1))
+            names.append(example)
+    if not arrays:
+        raise UserError(f"the sheets in '{folder}' hold no cell with a visible pixel")
+    check_loaded(folder, arrays, names)
+    return stack_and_label(folder, arrays, names, labels, "sheets")
+
+
+def load_characters(folder, views, size=128, labels=True):
+    """A folder of character folders (see above) -> load_folder's four values, one example
+    per character folder, its V views stacked in name order."""
+    folder = Path(folder)
+    by_character = {}
+    for path in image_files(folder):
+        if path.parent == folder:
+            raise UserError(f"'{path.name}' sits directly in '{folder}'; with --views {views} "
+                            "each character's views go in a folder of their own")
+        by_character.setdefault(path.parent.relative_to(folder).as_posix(), []).append(path)
+    arrays = []
+    for name, paths in by_character.items():
+        views_read = [a for a in (read_or_warn(p, size) for p in paths) if a is not None]
+        if len(views_read) != views:
+            raise UserError(f"character folder '{name}' holds {len(views_read)} readable "
+                            f"image(s), but --views {views} needs exactly {views}, its views "
+                            "in name order")
+        arrays.append(np.concatenate(views_read, -1))  # (size, size, 4V)
+    names = list(by_character)
+    check_loaded(folder, arrays, names)
+    return stack_and_label(folder, arrays, names, labels, "character folders")
+
+
+def load_examples(folder, views=1, cell="", size=128, labels=True):
+    """The training examples under `folder` in whichever layout the flags name: single
+    sprites, character folders (--views) or sheets (--cell)."""
+    if cell:
+        return load_sheets(folder, cell, views, size, labels)
+    if views > 1:
+        return load_characters(folder, views, size, labels)
+    return load_folder(folder, size, labels)
 
 
 # -----------------------------------------------------------------------------
@@ -1218,9 +1407,9 @@ def detect_grid(x_uint8, names=None, share=0.9):
 @dataclasses.dataclass
 class TrainingData:
     """The sprites a run trains on, and what a checkpoint must remember about them."""
-    train_x: torch.Tensor  # (N_train / world, 4, 128, 128) uint8, on the device
+    train_x: torch.Tensor  # (N_train / world, 4V, 128, 128) uint8, on the device
     train_y: torch.Tensor  # (N_train / world,) class indices, or None
-    val_x: torch.Tensor  # (N_val, 4, 128, 128) uint8, on the CPU, at most 512
+    val_x: torch.Tensor  # (N_val, 4V, 128, 128) uint8, on the CPU, at most 512
     val_y: torch.Tensor  # (N_val,) or None
     classes: list  # class names, [] without classes
     class_counts: list  # training sprites per class
@@ -1233,8 +1422,9 @@ class TrainingData:
 def load_training_data(cfg, ckpt, rank, world, device):
     """The data folder as TrainingData: checked against a resumed run, split into training
     and validation sprites within each class, one shard per process under torchrun."""
-    path = str(Path(cfg.data or "data/images").resolve())
-    x, names, classes, y = load_folder(path, labels=cfg.labels)
+    default = "data/turnarounds" if cfg.views > 1 else "data/images"
+    path = str(Path(cfg.data or default).resolve())
+    x, names, classes, y = load_examples(path, cfg.views, cfg.cell, labels=cfg.labels)
     fingerprint = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     if ckpt and ckpt.get("fingerprint", fingerprint) != fingerprint and not cfg.allow_new_data:
         raise UserError(f"the files in '{path}' changed since this run started; add "
@@ -1287,7 +1477,13 @@ def option(default, help, choices=None):
 @dataclasses.dataclass
 class TrainConfig:
     # Where and how long.
-    data: str = option("", "folder of sprites; subfolders are classes (default: data/images)")
+    data: str = option("", "folder of sprites; subfolders are classes (default: data/images, "
+                           "with --views: data/turnarounds)")
+    cell: str = option("", "read every image as a sprite sheet of WxH-pixel cells, e.g. 18x20; "
+                           "fully transparent cells are skipped")
+    views: int = option(1, "views per character: V stacked images (character folders, or V "
+                           "rows of a sheet's cells); V = 4 in the order front, left, back, "
+                           "right mirrors correctly, other V > 1 are never flipped")
     run_dir: str = option("", "output folder (default: a new folder under runs/)")
     resume: bool = option(False, "continue the run in --run-dir from its newest checkpoint")
     allow_new_data: bool = option(False, "let --resume go on with other data or a changed file set")
@@ -1328,7 +1524,7 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
 
 
-POSITIVE = {"batch_size", "lr", "grad_clip", "t_shift", "blocks", "log_every", "val_every",
+POSITIVE = {"views", "batch_size", "lr", "grad_clip", "t_shift", "blocks", "log_every", "val_every",
             "sample_every", "sample_steps", "warmup", "guide_fraction"}
 
 
@@ -1354,6 +1550,10 @@ def check_config(cfg):
                         "--guide-fraction at most 1")
     if cfg.resume and not cfg.run_dir:
         raise UserError("--resume needs --run-dir to say which run to continue")
+    if cfg.views > 16:
+        raise UserError(f"--views must be at most 16, got {cfg.views}")
+    if cfg.cell:
+        parse_cell(cfg.cell)
     try:
         widths = [int(c) for c in cfg.channels.split(",")]
     except ValueError:
@@ -1460,7 +1660,8 @@ def cpu_has_bf16():
 def probe_ms(model, device, bf16, batch):
     """Milliseconds of one forward and backward pass on a batch, the best of two after a
     warm-up."""
-    x = torch.randn(batch, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device)
+    shape = (batch, 4 * getattr(model, "views", 1), 128, 128)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     t = torch.full((batch,), 0.5, device=device)
     times = []
     for _ in range(3):
@@ -1844,13 +2045,17 @@ class TrainingLog:
         self.steps, self.clock = 0, time.time()
 
     def sample_grid(self, ema, data, step):
-        """16 sprites from fixed noises, one row per class: samples/step_NNNNNNN.png."""
-        labels = class_plan(16, data.classes, data.class_counts) if data.classes else None
-        noise = gaussian_noise(16, self.cfg.seed + 12345)
+        """16 sprites from fixed noises, sorted by class, whole characters in each row (16 / V
+        characters of V views): samples/step_NNNNNNN.png."""
+        views = self.cfg.views
+        n = max(1, 16 // views)
+        labels = class_plan(n, data.classes, data.class_counts) if data.classes else None
+        noise = gaussian_noise(n, self.cfg.seed + 12345, views)
         solver = Solver(steps=self.cfg.sample_steps)
         sprites = generate(ema, noise, labels, 1.0, None, solver, data.grid, self.bf16)
         (self.folder / "samples").mkdir(exist_ok=True)
-        save_png(sprite_sheet(sprites, cols=4), self.folder / "samples" / f"step_{step:07d}.png")
+        cols = views * max(1, 4 // views)
+        save_png(sprite_sheet(sprites, cols), self.folder / "samples" / f"step_{step:07d}.png")
 
     def finish(self, state, data, reason):
         """The last row with validation and checkpoint, then the run's last words."""
@@ -1874,7 +2079,8 @@ def start_line(folder, cfg, data, state, world, bf16, why):
     params = sum(p.numel() for p in state.model.parameters()) / 1e6
     device = f"{data.train_x.device}{' x' + str(world) if world > 1 else ''}"
     n_train = sum(data.class_counts) if data.classes else len(data.train_x) * world
-    return (f"{data.n_files} sprites ({n_train} train, {len(data.val_x)} val) from {data.path}"
+    what = "sprites" if cfg.views == 1 else f"characters of {cfg.views} views"
+    return (f"{data.n_files} {what} ({n_train} train, {len(data.val_x)} val) from {data.path}"
             f"{classes}; pixel grid {data.grid}; {params:.1f}M parameters; device {device}; "
             f"bf16 {'on' if bf16 else 'off'} ({why}); budget {budget_text(cfg)}; "
             f"run folder {folder}")
@@ -2020,18 +2226,27 @@ def sheet_layout(n, names):
     return cells, cols
 
 
-def texture_packer_json(cells, cols, h, w, names):
-    """sheet.json in TexturePacker's JSON-array layout, plus a `class` field per frame."""
+def sprite_name(i, views=1):
+    """The file of sprite i: sprite_NNN.png, or with V views sprite_NNN_vK.png for view K of
+    character NNN."""
+    return f"sprite_{i:03d}.png" if views == 1 else f"sprite_{i // views:03d}_v{i % views}.png"
+
+
+def texture_packer_json(cells, cols, h, w, names, views=1):
+    """sheet.json in TexturePacker's JSON-array layout, plus a `class` field per frame (names
+    holds one per character) and, with V views, `character` and `view` fields."""
     frames = []
     for k, i in enumerate(cells):
         if i is None:
             continue
         rect = {"x": k % cols * w, "y": k // cols * h, "w": w, "h": h}
-        frame = {"filename": f"sprite_{i:03d}.png", "frame": rect, "rotated": False,
+        frame = {"filename": sprite_name(i, views), "frame": rect, "rotated": False,
                  "trimmed": False, "spriteSourceSize": {"x": 0, "y": 0, "w": w, "h": h},
                  "sourceSize": {"w": w, "h": h}}
         if names:
-            frame["class"] = names[i]
+            frame["class"] = names[i // views]
+        if views > 1:
+            frame["character"], frame["view"] = i // views, i % views
         frames.append(frame)
     rows = math.ceil(len(cells) / cols)
     meta = {"app": "SpriteFlow", "version": "1.0", "image": "sheet.png", "format": "RGBA8888",
@@ -2039,22 +2254,27 @@ def texture_packer_json(cells, cols, h, w, names):
     return {"frames": frames, "meta": meta}
 
 
-def write_sprites(out, sprites, names=None, native=0):
+def write_sprites(out, sprites, names=None, native=0, views=1):
     """sprite_NNN.png; grid.png (checkerboard) and sheet.png + sheet.json (transparent, for
-    game engines), one row per class; with native = k, the sprites at 1/k size in native/."""
+    game engines), one row per class; with native = k, the sprites at 1/k size in native/.
+    With V views, sprites holds V per character (generate's order), names one per character,
+    and every character is one row of its V views, sprite_NNN_vK.png."""
     for i, sprite in enumerate(sprites):
-        save_png(Image.fromarray(sprite.numpy(), "RGBA"), out / f"sprite_{i:03d}.png")
+        save_png(Image.fromarray(sprite.numpy(), "RGBA"), out / sprite_name(i, views))
         if native:
             (out / "native").mkdir(exist_ok=True)
             small = Image.fromarray(sprite[::native, ::native].numpy(), "RGBA")
-            save_png(small, out / "native" / f"sprite_{i:03d}.png")
-    cells, cols = sheet_layout(len(sprites), names)
+            save_png(small, out / "native" / sprite_name(i, views))
+    if views > 1:
+        cells, cols = list(range(len(sprites))), views
+    else:
+        cells, cols = sheet_layout(len(sprites), names)
     blank = torch.zeros_like(sprites[0])
     tiles = torch.stack([blank if i is None else sprites[i] for i in cells])  # (cells, H, W, 4)
     save_png(sprite_sheet(tiles, cols), out / "grid.png")
     save_png(sprite_sheet(tiles, cols, checker=0), out / "sheet.png")
     h, w = sprites.shape[1:3]
-    sheet_json = json.dumps(texture_packer_json(cells, cols, h, w, names), indent=1)
+    sheet_json = json.dumps(texture_packer_json(cells, cols, h, w, names, views), indent=1)
     write_atomically(out / "sheet.json", lambda tmp: tmp.write_text(sheet_json))
 
 
@@ -2147,24 +2367,32 @@ def cmd_sample(args, model, guide, ckpt, device, out):
         raise UserError("this checkpoint was trained without classes, so --class cannot be used")
     wanted = args.class_names.split(",") if args.class_names else None
     labels = None
-    if ckpt["classes"] and not (args.edit and not wanted):  # an edit is steered by --class only
+    conditional_edit = args.edit or args.views_from  # steered by --class only
+    if ckpt["classes"] and not (conditional_edit and not wanted):
         labels = class_plan(args.n, ckpt["classes"], ckpt["class_counts"], wanted)
     w = args.guidance if args.guidance is not None else default_guidance(labels is not None)
     grid = 1 if args.no_snap else ckpt["grid"]
     solver = Solver(args.sampler, args.steps, args.sigma, args.seed)
+    views = model.views
+    if views > 1 and (args.edit or args.trajectory):
+        raise UserError("--edit and --trajectory work on single sprites; this checkpoint draws "
+                        f"characters of {views} views (use --views-from to complete a character)")
     if args.edit:
         return cmd_edit(args, model, (guide, labels, w, grid, solver), ckpt, device, out)
+    if args.views_from:
+        return cmd_views_from(args, model, (guide, labels, w, grid, solver), ckpt, device, out)
     bf16, why = decide_bf16(args.bf16, device, ckpt=ckpt)
     start = time.time()
-    noise = gaussian_noise(args.n, args.seed)
+    noise = gaussian_noise(args.n, args.seed, views)
     sprites = generate(model, noise, labels, w, guide, solver, grid, bf16)
     names = None if labels is None else [ckpt["classes"][k] for k in labels]
-    write_sprites(out, sprites, names, grid if args.native else 0)
+    write_sprites(out, sprites, names, grid if args.native else 0, views)
     written = "grid.png, sheet.png, sheet.json"
     if args.trajectory:
         write_trajectory(model, noise, labels, w, guide, solver, bf16, out)
         written += ", trajectory.gif, trajectory.png"
-    return (f"wrote {len(sprites)} sprites, {written} ({args.sampler}, {args.steps} steps = "
+    drawn = f"{len(sprites)} sprites" if views == 1 else f"{args.n} characters of {views} views"
+    return (f"wrote {drawn}, {written} ({args.sampler}, {args.steps} steps = "
             f"{solver.calls()} network calls per sprite, {guidance_text(w, labels, guide)}, grid "
             f"{grid}, bf16 {'on' if bf16 else 'off'} ({why}), {time.time() - start:.1f} s)")
 
@@ -2199,6 +2427,33 @@ def cmd_edit(args, model, steering, ckpt, device, out):
     write_sprites(out, torch.cat([to_uint8(y[:1]), edited]), names)
     return (f"wrote the sprite (sprite_000.png) and {args.n} variations repainted under "
             f"{args.mask}, grid.png, sheet.png, sheet.json ({guidance_text(w, labels, guide)})")
+
+
+def cmd_views_from(args, model, steering, ckpt, device, out):
+    """sample --views-from SPRITE [--view K]: --n characters whose view K is the sprite, bit
+    for bit, and whose other views are drawn by inpainting over views (section 8)."""
+    guide, labels, w, grid, solver = steering
+    views, k = model.views, args.view
+    if views == 1:
+        raise UserError("--views-from needs a checkpoint trained with --views; this one draws "
+                        "single sprites")
+    if k >= views:
+        raise UserError(f"--view must be below {views}, this checkpoint's number of views, "
+                        f"got {k}")
+    y = read_sprite(args.views_from, device)  # (1, 4, 128, 128)
+    known = torch.zeros(args.n, 4 * views, 128, 128, device=device)
+    known[:, 4 * k:4 * k + 4] = y
+    x = gaussian_noise(args.n, args.seed, views).to(device)
+    c = None if labels is None else labels.to(device)
+    clean = guided_clean(model, c, w, guide)
+    z = inpaint(clean, model.schedule, known, view_mask(views, k).to(device), x, solver)
+    sprites = to_uint8(snap_to_grid(split_views(z), grid))  # (n V, 128, 128, 4)
+    sprites[k::views] = to_uint8(y, binary_alpha=False)  # the given view, exactly as read
+    names = None if labels is None else [ckpt["classes"][i] for i in labels]
+    write_sprites(out, sprites, names, views=views)
+    return (f"wrote {args.n} characters of {views} views, view {k} from {args.views_from} and "
+            f"the other {views - 1} drawn, grid.png, sheet.png, sheet.json "
+            f"({guidance_text(w, labels, guide)})")
 
 
 def cmd_invert(args, model, ckpt, device, out):
@@ -2253,7 +2508,8 @@ def time_train_steps(cfg, device, steps, batch_size, bf16):
     """(images/s of full training steps after one untimed step, the model)."""
     state = new_state(cfg, 0, device)  # seeded: every bench times the same model
     net = torch.compile(state.model) if cfg.compile else state.model
-    z = to_float(torch.randint(0, 256, (batch_size, 4, 128, 128), dtype=torch.uint8)).to(device)
+    shape = (batch_size, 4 * cfg.views, 128, 128)
+    z = to_float(torch.randint(0, 256, shape, dtype=torch.uint8)).to(device)
     amp, gamma = autocast(device, bf16), ema_gamma(EMA_LENGTH)
     for i in range(steps + 1):
         if i == 1:  # the first step pays for allocation and kernel selection
@@ -2395,7 +2651,8 @@ def build_parser():
                                                          "(at least 2; default: 9)")
     sub.choices["invert"].add_argument("sprite", help="sprite image file")
     p = sub.choices["sample"]
-    p.add_argument("--n", type=int, default=16, help="number of sprites (default: 16)")
+    p.add_argument("--n", type=int, default=16, help="number of sprites, or of characters for a "
+                                                     "--views checkpoint (default: 16)")
     p.add_argument("--class", dest="class_names", default="",
                    help="class name or comma list (default: all, as many as in training)")
     p.add_argument("--guidance", type=float, default=None,
@@ -2418,6 +2675,10 @@ def build_parser():
                                               "--class steers the repaint)")
     p.add_argument("--mask", default="", help="PNG whose opaque, non-black pixels mark what "
                                               "--edit repaints")
+    p.add_argument("--views-from", default="", help="a sprite to complete: with a --views "
+                   "checkpoint, draw the character's other views, this one kept exactly")
+    p.add_argument("--view", type=int, default=0, help="which view --views-from is (default: 0, "
+                                                       "front in the built-in order)")
     p = sub.add_parser("bench", help="training and sampling speed on this machine")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--steps", type=int, default=8, help="timed training steps (default: 8)")
@@ -2439,6 +2700,10 @@ def check_sampling_args(args):
     if getattr(args, "edit", "") and not args.mask:
         raise UserError("--edit needs --mask, an image whose opaque, non-black pixels mark what "
                         "to repaint")
+    if getattr(args, "edit", "") and args.views_from:
+        raise UserError("--edit and --views-from cannot be combined; give one of them")
+    if getattr(args, "view", 0) < 0:
+        raise UserError(f"--view must be a view number, 0 or more, got {args.view}")
 
 
 def run_command(args):
@@ -2446,6 +2711,9 @@ def run_command(args):
     device = pick_device(args.device)
     path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
     model, guide, ckpt = load_models(path, device)
+    if model.views > 1 and args.command != "sample":
+        raise UserError(f"{args.command} works on single sprites; this checkpoint draws "
+                        f"characters of {model.views} views")
     out = fresh_folder(args.out)
     try:
         if args.command == "sample":

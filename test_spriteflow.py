@@ -1701,6 +1701,192 @@ def test_edit_leaves_unmasked_pixels_exactly_unchanged(class_run):
 
 
 # -----------------------------------------------------------------------------
+# Characters of several views: layouts on disk, mirroring, joint sampling and the
+# missing views of a given sprite.
+# -----------------------------------------------------------------------------
+
+
+def write_sheet(path, rows, cols, cell=(8, 10), empty=(), seed=0):
+    """A sprite sheet of rows x cols cells of random blocks (2 px); cells listed in `empty`
+    as (row, col) are fully transparent. Returns the cells (rows, cols, h, w, 4)."""
+    rng = np.random.default_rng(seed)
+    w, h = cell
+    cells = rng.integers(0, 256, (rows, cols, h // 2, w // 2, 4)).astype(np.uint8)
+    cells[..., 3] = 255
+    cells = cells.repeat(2, 2).repeat(2, 3)
+    for r, c in empty:
+        cells[r, c] = 0
+    sheet = cells.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).save(path)
+    return cells
+
+
+def write_characters(folder, n, views, seed=0):
+    """n character folders of `views` sprites each, views named 0.png, 1.png, ..."""
+    for i in range(n):
+        write_sprites(folder / f"c{i}", views, seed=seed + 10 * i)
+        for k in range(views):  # write_sprites names them s0..; views go in name order
+            (folder / f"c{i}" / f"s{k}.png").rename(folder / f"c{i}" / f"{k}.png")
+    return folder
+
+
+def test_a_sheet_gives_one_character_per_column_of_each_block_of_view_rows(tmp_path):
+    """With --cell WxH --views V, column j of every block of V rows is one character, its
+    views stacked top to bottom (channels 4k..4k+3 = row k of the block, loaded like a single
+    sprite); a column of empty cells is skipped; without --views every drawn cell is one
+    sprite; sheets in class folders give classes."""
+    cells = write_sheet(tmp_path / "d" / "knights" / "k.png", 4, 3, empty=[(2, 1), (3, 1)])
+    write_sheet(tmp_path / "d" / "slimes" / "s.png", 2, 2, seed=1)
+    x, names, classes, y = sf.load_sheets(tmp_path / "d", "8x10", views=2)
+    assert x.shape == (5 + 2, 8, 128, 128) and x.dtype == torch.uint8
+    assert names[:5] == ["knights/k.png#r00c00", "knights/k.png#r00c01", "knights/k.png#r00c02",
+                         "knights/k.png#r02c00", "knights/k.png#r02c02"]
+    assert classes == ["knights", "slimes"] and y.tolist() == [0] * 5 + [1] * 2
+    for k in range(2):  # the character at rows 2-3, column 2
+        cell = torch.from_numpy(sf.square_rgba(Image.fromarray(cells[2 + k, 2])))
+        assert torch.equal(x[4, 4 * k:4 * k + 4], cell.permute(2, 0, 1))
+    single = sf.load_sheets(tmp_path / "d", "8x10")[0]
+    assert single.shape == (4 * 3 - 2 + 4, 4, 128, 128)
+
+
+def test_character_folders_stack_their_views_in_name_order_inside_class_folders(tmp_path):
+    """Each character folder is one example: view k (its k-th file by name) in channels
+    4k..4k+3; character folders inside class folders take the class of the top folder."""
+    write_characters(tmp_path / "d" / "orc", 2, 3)
+    write_characters(tmp_path / "d" / "elf", 1, 3, seed=50)
+    x, names, classes, y = sf.load_examples(tmp_path / "d", views=3)
+    assert names == ["elf/c0", "orc/c0", "orc/c1"] and classes == ["elf", "orc"]
+    assert y.tolist() == [0, 1, 1] and x.shape == (3, 12, 128, 128)
+    for k in range(3):
+        view = sf.load_rgba(tmp_path / "d" / "orc" / "c1" / f"{k}.png")
+        assert torch.equal(x[2, 4 * k:4 * k + 4], torch.from_numpy(view).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("case", ["not divisible", "rows not in blocks", "view missing in sheet",
+                                  "view missing in folder", "loose file", "bad cell"])
+def test_bad_layouts_are_one_sentence(tmp_path, monkeypatch, capsys, case):
+    """A sheet that does not divide into cells, rows that do not group into characters, a
+    character short of a view (an empty cell, or a folder with too few files), a loose file
+    beside character folders and a malformed --cell each end in one sentence and exit 2,
+    leaving no run folder behind."""
+    write_sheet(tmp_path / "sheet" / "a.png", 3, 2, empty=[(1, 1)])
+    write_characters(tmp_path / "chars", 2, 3)
+    (tmp_path / "chars" / "c1" / "2.png").unlink()
+    write_characters(tmp_path / "loose", 1, 2)
+    write_sprites(tmp_path / "loose", 1)
+    args, said = {
+        "not divisible": (["--data", "sheet", "--cell", "7x10"], "does not divide into 7x10"),
+        "rows not in blocks": (["--data", "sheet", "--cell", "8x10", "--views", "2"],
+                               "3 rows of cells, which do not group into characters of 2"),
+        "view missing in sheet": (["--data", "sheet", "--cell", "8x10", "--views", "3"],
+                                  "column 2, rows 1-3 of sheet 'a.png' has 2 of its 3 views"),
+        "view missing in folder": (["--data", "chars", "--views", "3"],
+                                   "'c1' holds 2 readable image(s), but --views 3 needs exactly"),
+        "loose file": (["--data", "loose", "--views", "2"], "sits directly in"),
+        "bad cell": (["--data", "sheet", "--cell", "8by10"], "--cell must be WIDTHxHEIGHT"),
+    }[case]
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(monkeypatch, capsys, "train", *args, "--run-dir", "r")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and said in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_mirroring_flips_every_view_and_swaps_left_and_right():
+    """mirror(z) flips each view left to right; with 4 views (front, left, back, right) views
+    1 and 3 trade places, so mirror(mirror(z)) = z; one view is a plain flip."""
+    z = torch.randn(2, 16, 8, 8)
+    m = sf.mirror(z)
+    for k, source in enumerate([0, 3, 2, 1]):
+        assert torch.equal(m[:, 4 * k:4 * k + 4], z[:, 4 * source:4 * source + 4].flip(-1))
+    assert torch.equal(sf.mirror(m), z)
+    assert torch.equal(sf.mirror(z[:, :4]), z[:, :4].flip(-1))
+
+
+def test_views_widen_only_the_stem_and_the_head_and_one_view_is_the_old_network():
+    """A V-view U-Net differs from the single-view one only in the stem's input and the
+    head's output (64V channels after unshuffle 4), so V = 1 is the old network; the noise
+    and the luminance guide of one view are the old formulas."""
+    one = tiny_unet()
+    four = sf.UNet(channels=(16, 32), blocks=1, unshuffle=4, views=4)
+    shapes1 = {k: v.shape for k, v in one.state_dict().items()}
+    shapes4 = {k: v.shape for k, v in four.state_dict().items()}
+    assert {k for k in shapes1 if shapes1[k] != shapes4[k]} == {"stem.1.weight", "head.2.weight",
+                                                                "head.2.bias"}
+    assert shapes4["stem.1.weight"][1] == 256 and shapes4["head.2.weight"][0] == 256
+    assert four(torch.randn(1, 16, 128, 128), torch.full((1,), 0.5)).shape == (1, 16, 128, 128)
+    assert torch.equal(sf.gaussian_noise(3, 7), sf.gaussian_noise(3, 7, views=1))
+    main, weak = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    grey = (main - weak)[:, :3].mean(1, keepdim=True)
+    assert torch.equal(sf.luminance_guide(main, weak),
+                       torch.cat([main[:, :3] - grey, weak[:, 3:]], 1))
+
+
+@pytest.fixture(scope="module")
+def views_run(tmp_path_factory):
+    """A tiny run on 6 characters of 4 views in two classes (6 steps)."""
+    tmp = tmp_path_factory.mktemp("views")
+    write_characters(tmp / "d" / "knight", 3, 4)
+    write_characters(tmp / "d" / "slime", 3, 4, seed=100)
+    run = sf.train(tiny_config(tmp / "d", tmp / "run", views=4, sample_every=6, lr=3e-3))
+    return tmp, run / "last.pt"
+
+
+def test_a_views_run_samples_each_character_as_one_row_of_its_views(views_run, monkeypatch,
+                                                                     capsys):
+    """A --views 4 checkpoint stores V; its sample grids and `sample` draw whole characters,
+    one row of 4 views each: grid.png is 4 sprites wide, and sheet.json names every frame's
+    file, character, view and class, each frame cut from sheet.png being its file."""
+    tmp, ckpt = views_run
+    assert sf.read_checkpoint(ckpt)["config"]["views"] == 4
+    with Image.open(ckpt.parent / "samples" / "step_0000006.png") as im:
+        assert im.size == (4 * 128, 4 * 128)  # 16 // 4 characters, one row each
+    status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", ckpt, "--n", 2,
+                                "--steps", 2, "--out", tmp / "s", "--class", "slime")
+    assert status == 0, err
+    assert out.startswith("wrote 2 characters of 4 views, grid.png")
+    with Image.open(tmp / "s" / "grid.png") as im:
+        assert im.size == (4 * 128, 2 * 128)
+    frames = json.loads((tmp / "s" / "sheet.json").read_text())["frames"]
+    assert [(f["filename"], f["character"], f["view"], f["class"]) for f in frames[3:5]] == [
+        ("sprite_000_v3.png", 0, 3, "slime"), ("sprite_001_v0.png", 1, 0, "slime")]
+    assert (frames[5]["frame"]["x"], frames[5]["frame"]["y"]) == (128, 128)
+    sheet = np.array(Image.open(tmp / "s" / "sheet.png"))
+    for f in frames:
+        x, y = f["frame"]["x"], f["frame"]["y"]
+        assert np.array_equal(sheet[y:y + 128, x:x + 128],
+                              np.array(Image.open(tmp / "s" / f["filename"])))
+
+
+def test_views_from_keeps_the_given_view_bit_for_bit(views_run, monkeypatch, capsys):
+    """`sample --views-from SPRITE --view 2 --n 2 --class knight` draws two characters whose
+    view 2 is the sprite exactly as loaded, with three views drawn around it; it needs a
+    views checkpoint and a view number below V, and refuses --edit and --trajectory."""
+    tmp, ckpt = views_run
+    given = tmp / "d" / "knight" / "c1" / "2.png"
+    status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", ckpt,
+                                "--views-from", given, "--view", 2, "--n", 2, "--steps", 2,
+                                "--class", "knight", "--out", tmp / "vf")
+    assert status == 0, err
+    assert "view 2 from" in out and "the other 3 drawn" in out
+    for c in range(2):
+        assert np.array_equal(np.array(Image.open(tmp / "vf" / f"sprite_{c:03d}_v2.png")),
+                              sf.load_rgba(given))
+        drawn = np.array(Image.open(tmp / "vf" / f"sprite_{c:03d}_v0.png"))
+        assert not np.array_equal(drawn, sf.load_rgba(given))
+    for extra, said in [(["--view", "4"], "--view must be below 4"),
+                        (["--trajectory"], "work on single sprites")]:
+        status, _, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", ckpt,
+                                  "--views-from", given, "--out", tmp / "no", *extra)
+        assert status == 2 and said in err, err
+    single = sf.train(tiny_config(write_sprites(tmp / "flat", 3), tmp / "r1", max_steps=1))
+    status, _, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", single / "last.pt",
+                              "--views-from", given, "--out", tmp / "no")
+    assert status == 2 and "needs a checkpoint trained with --views" in err
+
+
+# -----------------------------------------------------------------------------
 # Part 4: fid.py. Random Inception weights only: nothing is downloaded. The real
 # network at 299x299 is slow on a CPU, so every test that runs it uses a handful
 # of images.
@@ -2540,6 +2726,46 @@ def test_checkpoint_sampling_defaults_come_from_spriteflow(monkeypatch, capsys):
     monkeypatch.undo()
     sample = sf.build_parser().parse_args(["sample"])
     assert (sample.sampler, sample.steps) == (sf.DEFAULT_SAMPLER, sf.DEFAULT_STEPS)
+
+
+def test_view_consistency_is_0_for_views_of_one_palette_and_1_for_disjoint_palettes():
+    """D(a, b) = 1/2 sum |h_a - h_b| over 8-level colour histograms of opaque pixels: views
+    that rearrange one character's colours are at distance 0 whatever their shapes, and
+    characters with no colour in common are strangers at distance 1; transparent pixels
+    do not count."""
+    rng = np.random.default_rng(0)
+    chars = np.zeros((3, 4, 16, 16, 4), np.uint8)
+    for i in range(3):
+        base = np.full((16, 16, 4), 255, np.uint8)
+        base[:8, :, :3] = (64 * i, 0, 0)
+        base[8:, :, :3] = (64 * i, 255, 0)
+        for k in range(4):
+            chars[i, k] = rng.permutation(base.reshape(-1, 4)).reshape(16, 16, 4)
+    chars[0, 1, 0, :, 3] = 0  # a transparent row does not count,
+    chars[0, 1, 1:9, :, :3] = 0  # and half of view 1 turns to the character's first colour
+    result = fid.view_consistency(chars)
+    assert result["strangers"] == 1.0 and result["empty_views"] == 0
+    assert result["pairs"]["2-3"] == [0.0, 1.0]
+    assert result["own_per_character"][1] == 0.0 and result["own_per_character"][0] > 0
+
+
+def test_fid_views_reads_character_folders_and_views_sample_folders(tmp_path, capsys):
+    """`fid.py views` takes character folders (V from their file count) and the folder that
+    `sample` writes for a views checkpoint (characters and views from sheet.json), one JSON
+    line each; a folder of single sprites is one sentence."""
+    write_characters(tmp_path / "chars", 3, 2)
+    sprites = torch.from_numpy(np.stack([sf.load_rgba(p) for p in
+                                         sorted((tmp_path / "chars").rglob("*.png"))]))
+    (tmp_path / "s").mkdir()
+    sf.write_sprites(tmp_path / "s", sprites, views=2)
+    assert fid.main(["views", tmp_path / "chars", tmp_path / "s", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["n_characters"] for r in lines] == [3, 3] and lines[0]["views"] == 2
+    assert lines[0]["own"] == lines[1]["own"] and lines[0]["strangers"] == lines[1]["strangers"]
+    (tmp_path / "single").mkdir()
+    sf.write_sprites(tmp_path / "single", sprites)
+    assert fid.main(["views", tmp_path / "single"]) == 2
+    assert "names no views" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------

@@ -40,9 +40,15 @@ Usage (from the repository root):
     python data/make_sprites.py --no-images --sheet data/contact_sheet.png
     python data/make_sprites.py --grid 64 --count 16 --out /tmp/hires
     python data/make_sprites.py --flat --out /tmp/flat    # no kind folders
+    python data/make_sprites.py --turnarounds data/turnarounds   # 64 per kind in 4 views
 
 Sprite i is saved as <out>/<kind>/sprite_<i:05d>.png, one folder per body kind
 (the torchvision ImageFolder layout: the folder name is the class label).
+
+With --turnarounds, the first 64 characters of every kind are drawn from four sides
+(front, left, back, right; see make_turnaround()) and saved at the art's native size as
+<out>/<kind>/c<index:05d>/0_front.png ... 3_right.png, one folder per character: the
+layout `spriteflow.py train --views 4` reads. Their fronts are the sprites above.
 
 Rerunning with the same options rewrites the same files byte for byte.
 """
@@ -547,10 +553,48 @@ def look_head_wide(kind):
     return kind in ("orc", "dwarf", "goblin", "human")
 
 
-def draw_person(cv, d, kind):
-    """Draw a humanoid: every layer from back to front."""
+def person_top(L, kind):
+    """The garment the torso shows: a skeleton's bare, tunic or dress torso shows ribs."""
+    top = L["top"]
+    if kind == "skeleton" and top in ("bare", "tunic", "dress"):
+        return "ribs"
+    return top
+
+
+def detail_rolls(d, kind, L):
+    """The dice for small details, rolled in the order the drawing once rolled them inline,
+    so that every facing of a character gets the same boots, collar, hems and beard."""
+    top = person_top(L, kind)
+    r = dict(boot_h=None if kind == "skeleton" else d.pick([1, 2, 2, 3]))
+    r["collar"] = top == "tunic" and d.chance(0.6)
+    r["vest"] = top == "tunic" and d.chance(0.35)
+    r["hem_trim"] = top == "robe" and d.chance(0.5)
+    r["stripe_accent"] = top == "robe" and d.chance(0.5)
+    skirted = top != "robe" and (top == "dress" or L["bottom"] == "skirt")
+    r["hem"] = d.pick([2.5, 3.5]) if skirted else None
+    r["long_beard"] = L["beard"] and (kind == "dwarf" or d.chance(0.4))
+    return r
+
+
+def person_plan(d, kind):
+    """Proportions, look and detail dice of one person: everything every facing shares."""
     p = body_plan(d, kind)
     L = choose_look(d, kind)
+    # A hood or helmet replaces most of the hair.
+    if L["head"] in ("hood", "helmet") and L["hair"] in ("long", "twintails", "bun",
+                                                        "mohawk", "topknot", "spiky", "tuft"):
+        L["hair"] = "short"
+    return p, L, detail_rolls(d, kind, L)
+
+
+def draw_person(cv, d, kind, facing="front"):
+    """Draw a humanoid: every layer from back to front. facing "back" draws the back view
+    as the front is laid out (the caller mirrors it); "side" faces the viewer's left with
+    the character's left hand near; "side_far_left" the same with the hands swapped."""
+    p, L, R = person_plan(d, kind)
+    if facing.startswith("side"):
+        return draw_person_side(cv, p, L, R, kind, swap=facing == "side_far_left")
+    back = facing == "back"
     skin = ramp(L["skin"])
     cloth, accent = ramp(L["cloth"]), ramp(L["accent"])
     leather, pants, boots = ramp(L["leather"]), ramp(L["pants"]), ramp(L["boots"])
@@ -562,18 +606,14 @@ def draw_person(cv, d, kind):
     aw = 1 if bony else p["arm"]
     ax0 = tx0 - aw                   # left arm spans ax0..tx0
     hand_y = hip                     # hands occupy hand_y .. hand_y+2, below the belt
-    # A hood or helmet replaces most of the hair.
-    if L["head"] in ("hood", "helmet") and L["hair"] in ("long", "twintails", "bun",
-                                                        "mohawk", "topknot", "spiky", "tuft"):
-        L["hair"] = "short"
 
     # -- 1. things behind the body: cape, long hair ------------------------
-    if L["cape"]:
+    if L["cape"] and not back:
         cape = ramp(L["cape_col"])
         cv.paint(cv.poly([(tx0 - 1, sh), (tx1 + 1, sh), (tx1 + 3, FLOOR - 1),
                           (tx0 - 3, FLOOR - 1)]), cape)
         cv.darken(cv.rect(tx0 - 3, sh + 2, tx1 + 3, FLOOR))   # its inside is in shade
-    if L["hair"] == "long":
+    if L["hair"] == "long" and not back:
         cv.paint(cv.rbox(hx0 - 1, ht - 1, hx1 + 1, sh + 4, 3), hair)
     if L["hair"] == "twintails":
         cv.paint(cv.mirror(cv.ellipse(hx0 - 1.5, eye + 1, 1.8, 3.2)), hair)
@@ -598,7 +638,7 @@ def draw_person(cv, d, kind):
             cv.paint(leg, skin if bare_legs else pants)
         if L["bottom"] == "shorts":
             cv.paint(cv.srect(CX - gap / 2 - lw, hip, CX - gap / 2, hip + 2), pants)
-        boot_h = d.pick([1, 2, 2, 3])
+        boot_h = R["boot_h"]
         for sgn in (-1, 1):
             x_in, x_out = CX + sgn * gap / 2, CX + sgn * (gap / 2 + lw)
             lo, hi_ = min(x_in, x_out), max(x_in, x_out)
@@ -608,11 +648,7 @@ def draw_person(cv, d, kind):
             cv.paint(boot, boots)
 
     # -- 3. torso ------------------------------------------------------------
-    top = L["top"]
-    if bony and top == "bare":
-        top = "ribs"
-    if bony and top in ("tunic", "dress"):
-        top = "ribs"
+    top = person_top(L, kind)
     torso = cv.rect(tx0, sh, tx1, hip + 1)
     if top == "ribs":
         cv.paint(cv.rect(CX - 1, sh, CX + 1, hip + 1), skin)                # spine
@@ -624,30 +660,34 @@ def draw_person(cv, d, kind):
         cv.paint(cv.line(tx0 + 1, sh + 0.5, tx1 - 1, hip - 0.5, 1.3), leather)  # strap
     elif top == "armour":
         cv.paint(torso, metal)
-        cv.paint(cv.rect(CX - 1, sh + 1, CX + 1, sh + 3), accent, tone=BASE)     # chest crest
+        if not back:
+            cv.paint(cv.rect(CX - 1, sh + 1, CX + 1, sh + 3), accent, tone=BASE)  # chest crest
         cv.paint(cv.rect(tx0, hip - 1, tx1, hip + 1), metal)                    # fauld plates
         cv.darken(cv.rect(tx0, hip - 1, tx1, hip - 0.5))
     else:  # tunic, dress, robe
         cv.paint(torso, cloth)
-        if top == "tunic" and d.chance(0.6):                        # open collar
+        if R["collar"] and not back:                                # open collar
             cv.paint(cv.poly([(CX - 1.5, sh), (CX + 1.5, sh), (CX, sh + 2.2)]), skin)
-        if top == "tunic" and d.chance(0.35):                       # a vest over it
+        if R["vest"]:                                               # a vest over it
             cv.paint(cv.srect(tx0, sh, CX - 1, hip + 1), accent)
     # Skirts and robes hang over the legs.
     if top == "robe":
         cv.paint(cv.poly([(tx0, hip - 1), (tx1, hip - 1), (tx1 + 2, FLOOR - 1),
                           (tx0 - 2, FLOOR - 1)]), cloth, cast=True)
         cv.paint(cv.poly([(tx0 - 1.5, FLOOR - 2), (tx1 + 1.5, FLOOR - 2), (tx1 + 2, FLOOR - 1),
-                          (tx0 - 2, FLOOR - 1)]), trim if d.chance(0.5) else accent)  # hem trim
-        cv.paint(cv.rect(CX - 1, sh + 2, CX + 1, FLOOR - 2), accent if d.chance(0.5) else trim)
+                          (tx0 - 2, FLOOR - 1)]), trim if R["hem_trim"] else accent)  # hem trim
+        if not back:
+            cv.paint(cv.rect(CX - 1, sh + 2, CX + 1, FLOOR - 2),
+                     accent if R["stripe_accent"] else trim)
     elif top == "dress" or L["bottom"] == "skirt":
         col = cloth if top == "dress" else pants
-        hem = hip + d.pick([2.5, 3.5])
+        hem = hip + R["hem"]
         cv.paint(cv.poly([(tx0, hip - 0.5), (tx1, hip - 0.5), (tx1 + 1.5, hem),
                           (tx0 - 1.5, hem)]), col, cast=True)
     if L["belt"] and top not in ("ribs", "robe"):
         cv.paint(cv.rect(tx0, hip - 1, tx1, hip), leather, cast=True)
-        cv.paint(cv.rect(CX - 1, hip - 1, CX + 1, hip), trim, tone=HI)      # buckle
+        if not back:
+            cv.paint(cv.rect(CX - 1, hip - 1, CX + 1, hip), trim, tone=HI)  # buckle
     elif top == "robe":
         cv.paint(cv.rect(tx0, hip - 1, tx1, hip), accent)                   # sash
 
@@ -677,6 +717,9 @@ def draw_person(cv, d, kind):
         cv.paint(cv.ellipse(tx1 + aw / 2, sh + 1, aw / 2 + 1.1, 1.7), metal, cast=True)
 
     # -- 5. head and face ----------------------------------------------------
+    if back and L["cape"]:                # from behind, the cape hangs over the body
+        cv.paint(cv.poly([(tx0 - 1, sh), (tx1 + 1, sh), (tx1 + 3, FLOOR - 1),
+                          (tx0 - 3, FLOOR - 1)]), ramp(L["cape_col"]), cast=True)
     head = cv.rbox(hx0, ht, hx1, hb, 3.5)
     if kind in ("elf", "goblin", "orc"):
         span, lift = {"elf": (2.5, 2.5), "goblin": (4, 1.5), "orc": (1.6, 1.2)}[kind]
@@ -685,7 +728,9 @@ def draw_person(cv, d, kind):
     elif kind in ("human", "dwarf"):
         cv.paint(cv.srect(hx0 - 0.5, eye, hx0 + 0.5, eye + 2), skin)
     cv.paint(head, skin, cast=True)
-    if bony:
+    if back:
+        draw_back_of_head(cv, p, L, hair, skin, bony)
+    elif bony:
         # skull: narrower jaw, dark eye sockets with a glint, nose hole, teeth
         cv.erase(cv.srect(hx0, hb - 2, hx0 + 1, hb))
         cv.paint(cv.srect(CX - 3, eye - 1, CX - 1, eye + 1), ramp(BLACK), tone=BASE)
@@ -718,8 +763,8 @@ def draw_person(cv, d, kind):
             cv.paint(cv.rect(CX - 1, eye + 1, CX + 1, eye + 2), skin, tone=SHADOW)  # nose
         if L["blush"]:
             cv.paint(cv.srect(CX - g - 3, eye + 2, CX - g - 2, eye + 3), flat(BLUSH))
-    if L["beard"]:
-        long_beard = kind == "dwarf" or d.chance(0.4)
+    if L["beard"] and not back:
+        long_beard = R["long_beard"]
         bottom = (sh + 3.5) if long_beard else hb + 0.5
         beard = cv.poly([(hx0 + 0.5, eye + 2), (hx1 - 0.5, eye + 2), (hx1 - 0.5, hb - 1),
                          (CX + 1, bottom), (CX - 1, bottom), (hx0 + 0.5, hb - 1)])
@@ -729,7 +774,9 @@ def draw_person(cv, d, kind):
     # -- 6. hair -------------------------------------------------------------
     style = L["hair"]
     hood = L["head"] == "hood"
-    if style not in ("bald", "tuft", "mohawk", "topknot") and not hood:
+    if back:
+        pass  # draw_back_of_head did the hair
+    elif style not in ("bald", "tuft", "mohawk", "topknot") and not hood:
         cap = cv.rbox(hx0 - 1, ht - 1, hx1 + 1, ht + 5, 2.5) & cv.rect(0, 0, 32, ht + 2)
         # bangs: a zig-zag fringe along the forehead
         fringe = cv.rect(hx0, ht + 2, hx1, ht + 3)
@@ -766,6 +813,8 @@ def draw_person(cv, d, kind):
         if L["hood_point"]:
             outer |= cv.poly([(CX - 2, ht - 1), (CX + 2, ht - 1), (CX + 3.5, ht - 3.5)])
         face = cv.rbox(hx0 + 1, ht + 2, hx1 - 1, hb + 0.5, 3)
+        if back:
+            face = np.zeros_like(face)     # from behind, the hood covers the whole head
         cv.paint(outer & ~face, hood_col, cast=True)
         cv.paint(cv.rect(tx0 - 1, sh, tx1 + 1, sh + 2) & ~head, hood_col, cast=True)  # mantle
         cv.darken(face & cv.rect(0, ht + 2, 32, ht + 3))   # shadow under the hood's rim
@@ -778,11 +827,11 @@ def draw_person(cv, d, kind):
         if kindh == "plume":
             cv.paint(cv.ellipse(CX, ht - 1.5, 1.2, 2.6), accent)
         dome = cv.rbox(hx0 - 1, ht - 1, hx1 + 1, eye + 1.5, 2.5) & cv.rect(0, 0, 32, eye)
-        if kindh == "visor":
+        if kindh == "visor" or back:
             dome = cv.rbox(hx0 - 1, ht - 1, hx1 + 1, hb + 0.5, 3)
         cv.paint(dome, metal, cast=True)
         cv.paint(cv.rect(hx0 - 1, eye - 1, hx1 + 1, eye), metal, tone=SHADOW)        # rim
-        if kindh == "visor":
+        if kindh == "visor" and not back:
             cv.paint(cv.rect(hx0 + 1, eye, hx1 - 1, eye + 1), ramp(BLACK), tone=BASE)
             cv.paint(cv.rect(CX - 0.5 * cv_unit(cv), eye + 1, CX + 0.5 * cv_unit(cv), hb - 1),
                      ramp(BLACK), tone=BASE)
@@ -804,10 +853,291 @@ def draw_person(cv, d, kind):
     # -- 8. held items -------------------------------------------------------
     draw_left_item(cv, L, ax0, sh, hip, hand_y, ht, skin, aw)
     if L["right"] == "shield":
-        draw_shield(cv, L, tx1 + aw, sh, hip, metal, accent, trim)
-    if L["cape"]:                                        # clasp at the collarbone
+        inside = dict(L, emblem="none")  # the back of a shield: straps on wood, no emblem
+        draw_shield(cv, inside if back else L, tx1 + aw, sh, hip, metal,
+                    ramp(WOOD[1]) if back else accent, trim)
+    if L["cape"] and not back:                           # clasp at the collarbone
         cv.paint(cv.srect(CX - 2.5, sh, CX - 1, sh + 1), trim, tone=HI)
     return dict(kind=kind, archetype=L["archetype"])
+
+
+def draw_back_of_head(cv, p, L, hair, skin, bony):
+    """The hair seen from behind: it covers the head (long hair down over the shoulders)."""
+    style, ht, hb, sh, eye = L["hair"], p["ht"], p["hb"], p["sh"], p["eye"]
+    hx0, hx1 = p["hx0"], p["hx1"]
+    if bony or style == "bald" or L["head"] == "hood":
+        return
+    if style == "mohawk":
+        cv.paint(cv.rect(CX - 1, ht - 2.5, CX + 1, hb - 1), hair, cast=True)
+        return
+    if style == "tuft":
+        cv.paint(cv.poly([(CX - 1.5, ht + 0.5), (CX + 1.5, ht + 0.5), (CX + 2, ht - 2.5),
+                          (CX, ht - 1)]), hair)
+        return
+    if style == "topknot":
+        cv.paint(cv.ellipse(CX, ht - 1.5, 1.6, 2.0), hair)
+        return
+    bottom = {"short": hb - 1, "spiky": hb - 1, "bun": hb - 1, "long": sh + 4, "bob": hb,
+              "twintails": hb - 1}[style]
+    shape = cv.rbox(hx0 - 1, ht - 1, hx1 + 1, bottom, 3 if style == "long" else 2.5)
+    if style == "spiky":
+        for x in np.arange(hx0 - 1, hx1, 2.5):
+            shape |= cv.poly([(x, ht + 0.5), (x + 2.5, ht + 0.5), (x + 0.8, ht - 2.2)])
+    cv.paint(shape, hair, cast=True)
+    if style == "bun":
+        cv.paint(cv.ellipse(CX, ht + 0.5, 2.2, 1.8), hair, tone=SHADOW)
+    if style == "twintails":
+        cv.paint(cv.mirror(cv.ellipse(hx0 - 1.5, eye + 1, 1.8, 3.2)), hair)
+
+
+def draw_person_side(cv, p, L, R, kind, swap=False):
+    """A person in profile, facing the viewer's left: one eye, the near arm over a torso
+    seen edge-on, the far hand's item behind the body. The character's left hand is near
+    (its shield, say); swap=True draws the other hand near, for the mirrored right view."""
+    skin = ramp(L["skin"])
+    cloth, accent = ramp(L["cloth"]), ramp(L["accent"])
+    leather, pants, boots = ramp(L["leather"]), ramp(L["pants"]), ramp(L["boots"])
+    metal, trim = ramp(METAL[L["metal"]]), ramp(METAL[L["trim"]])
+    hair = ramp(L["hair_col"])
+    bony = kind == "skeleton"
+    hip, sh, ht, hb, eye = p["hip"], p["sh"], p["ht"], p["hb"], p["eye"]
+    hx0, hx1 = p["hx0"], p["hx1"]
+    depth = 2 * max(2, round(p["tw"] * 0.3))        # a body is thinner than it is wide
+    tx0, tx1 = CX - depth / 2, CX + depth / 2
+    aw = 1 if bony else p["arm"]
+    ax0 = CX - aw / 2
+    near, far = (L["left"], L["right"]) if swap else (L["right"], L["left"])
+    top = person_top(L, kind)
+
+    # -- behind the body: the far hand's item, cape, hair at the back -------
+    if far == "shield":
+        cv.paint(cv.rbox(tx1 - 1, sh + 1, tx1 + 2, hip + 1.5, 4), trim)
+    elif far != "none":
+        draw_left_item(cv, dict(L, left=far), CX + 2, sh, hip, hip, ht, skin, aw)
+    if L["cape"]:
+        cv.paint(cv.poly([(tx1 - 1, sh), (tx1 + 1, sh), (tx1 + 4, FLOOR - 1),
+                          (tx0, FLOOR - 1)]), ramp(L["cape_col"]))
+        cv.darken(cv.rect(tx0, sh + 2, tx1 + 4, FLOOR))
+    if L["hair"] == "long":
+        cv.paint(cv.rbox(CX - 1, ht - 1, hx1 + 1, sh + 4, 3), hair)
+    if L["hair"] == "twintails":
+        cv.paint(cv.ellipse(hx1 + 0.5, eye + 1, 1.8, 3.2), hair)
+    if L["hair"] == "bun":
+        cv.paint(cv.ellipse(hx1 - 0.5, ht + 0.5, 2.2, 1.8), hair)
+    if L["hair"] == "topknot":
+        cv.paint(cv.ellipse(CX + 1, ht - 1.5, 1.6, 2.0), hair)
+    draw_side_legs(cv, p, L, R, skin, pants, boots, bony)
+    draw_side_torso(cv, p, L, R, top, (tx0, tx1), (skin, cloth, accent, leather, pants, metal,
+                                                   trim))
+    # -- the near arm ----------------------------------------------------------
+    arm = cv.rect(ax0, sh + 0.5 * bony, ax0 + aw, hip)
+    hand = cv.rect(ax0, hip, ax0 + aw, hip + 2)
+    if bony:
+        cv.paint(arm | hand, skin)
+    else:
+        if top == "bare" or (L["sleeves"] == "short" and top == "tunic") or top == "dress":
+            cv.paint(arm, skin)
+            cv.paint(arm & cv.rect(0, sh, 32, sh + 2), cloth if top != "bare" else skin)
+        elif top == "armour":
+            cv.paint(arm, cloth)
+            cv.paint(arm & cv.rect(0, hip - 2, 32, hip), metal)
+        else:
+            cv.paint(arm, cloth)
+            if top == "robe":
+                cv.paint(cv.rect(ax0 - 0.5, hip - 1, ax0 + aw + 0.5, hip), accent)
+        cv.paint(hand, skin)
+    if top == "armour":
+        cv.paint(cv.ellipse(CX, sh + 1, aw / 2 + 1.1, 1.7), metal, cast=True)
+    draw_side_head(cv, p, L, R, kind, skin, hair)
+    draw_side_headgear(cv, p, L, hair, (cloth, accent, metal, ramp(L["cape_col"])), (tx0, tx1))
+    # -- the near hand's item, in front of everything ---------------------------
+    if near == "shield":
+        draw_shield(cv, L, CX + 0.5, sh, hip, metal, accent, trim)
+    elif near != "none":
+        draw_left_item(cv, dict(L, left=near), ax0, sh, hip, hip, ht, skin, aw)
+    if L["cape"]:                                        # the clasp at the throat
+        cv.paint(cv.rect(tx0, sh, tx0 + 1, sh + 1), trim, tone=HI)
+    return dict(kind=kind, archetype=L["archetype"])
+
+
+def draw_side_legs(cv, p, L, R, skin, pants, boots, bony):
+    """Two legs in profile, the far one a step behind and in shade; toes point forward."""
+    hip = p["hip"]
+    if bony:
+        cv.paint(cv.rect(CX, hip, CX + 1, FLOOR), skin)
+        cv.darken(cv.rect(CX, hip, CX + 1, FLOOR))
+        cv.paint(cv.rect(CX - 1, hip, CX, FLOOR), skin)
+        cv.paint(cv.rect(CX - 3, FLOOR - 1, CX, FLOOR), skin)
+        return
+    lw = 2 if p["tw"] <= 8 else 3
+    bare_legs = L["bottom"] == "shorts" or L["top"] == "dress"
+    for shift in (1, 0):                                # far leg first
+        x0, x1 = CX - lw + shift, CX + shift
+        cv.paint(cv.rect(x0, hip, x1, FLOOR), skin if bare_legs else pants)
+        if L["bottom"] == "shorts":
+            cv.paint(cv.rect(x0, hip, x1, hip + 2), pants)
+        boot = cv.rect(x0, FLOOR - R["boot_h"], x1, FLOOR) | cv.rect(x0 - 1, FLOOR - 1, x1, FLOOR)
+        cv.paint(boot, boots)
+        if shift:
+            cv.darken(cv.rect(x0, hip, x1, FLOOR))
+
+
+def draw_side_torso(cv, p, L, R, top, span, ramps):
+    """The torso seen edge-on: the same garment, its front on the left."""
+    skin, cloth, accent, leather, pants, metal, trim = ramps
+    (tx0, tx1), hip, sh = span, p["hip"], p["sh"]
+    torso = cv.rect(tx0, sh, tx1, hip + 1)
+    if top == "ribs":
+        cv.paint(cv.rect(tx1 - 1, sh, tx1, hip + 1), skin)                  # spine at the back
+        for r in range(int(sh) + 1, int(hip) - 1, 2):
+            cv.paint(cv.rect(tx0 + 0.5, r, tx1, r + 1), skin)
+        cv.paint(cv.rect(tx0, hip, tx1, hip + 1.5), skin)
+    elif top == "bare":
+        cv.paint(torso, skin)
+        cv.paint(cv.line(tx0 + 0.5, sh + 0.5, tx1 - 0.5, hip - 0.5, 1.3), leather)
+    elif top == "armour":
+        cv.paint(torso, metal)
+        cv.paint(cv.rect(tx0, sh + 1, tx0 + 1, sh + 3), accent, tone=BASE)  # the crest's edge
+        cv.paint(cv.rect(tx0, hip - 1, tx1, hip + 1), metal)
+        cv.darken(cv.rect(tx0, hip - 1, tx1, hip - 0.5))
+    else:
+        cv.paint(torso, cloth)
+        if R["vest"]:
+            cv.paint(cv.rect(CX, sh, tx1, hip + 1), accent)
+        if R["collar"]:
+            cv.paint(cv.rect(tx0, sh, tx0 + 1, sh + 1.5), skin)
+    if top == "robe":
+        cv.paint(cv.poly([(tx0, hip - 1), (tx1, hip - 1), (tx1 + 1.5, FLOOR - 1),
+                          (tx0 - 1.5, FLOOR - 1)]), cloth, cast=True)
+        cv.paint(cv.poly([(tx0 - 1, FLOOR - 2), (tx1 + 1, FLOOR - 2), (tx1 + 1.5, FLOOR - 1),
+                          (tx0 - 1.5, FLOOR - 1)]), trim if R["hem_trim"] else accent)
+        cv.paint(cv.rect(tx0 - 0.5, sh + 2, tx0 + 0.5, FLOOR - 2),
+                 accent if R["stripe_accent"] else trim)
+    elif top == "dress" or L["bottom"] == "skirt":
+        hem = hip + R["hem"]
+        cv.paint(cv.poly([(tx0, hip - 0.5), (tx1, hip - 0.5), (tx1 + 1, hem), (tx0 - 1, hem)]),
+                 cloth if top == "dress" else pants, cast=True)
+    if L["belt"] and top not in ("ribs", "robe"):
+        cv.paint(cv.rect(tx0, hip - 1, tx1, hip), leather, cast=True)
+        cv.paint(cv.rect(tx0, hip - 1, tx0 + 1, hip), trim, tone=HI)       # the buckle, in front
+    elif top == "robe":
+        cv.paint(cv.rect(tx0, hip - 1, tx1, hip), accent)
+
+
+def draw_side_head(cv, p, L, R, kind, skin, hair):
+    """A head in profile: nose and one eye at the front (left), the ear behind them."""
+    ht, hb, eye, sh = p["ht"], p["hb"], p["eye"], p["sh"]
+    hx0, hx1 = p["hx0"], p["hx1"]
+    dark = ramp(BLACK)
+    cv.paint(cv.rbox(hx0, ht, hx1, hb, 3.5), skin, cast=True)
+    if kind == "skeleton":
+        cv.erase(cv.rect(hx1 - 1, hb - 2, hx1, hb))                           # the jaw
+        cv.paint(cv.rect(hx0 + 1, eye - 1, hx0 + 3, eye + 1), dark, tone=BASE)
+        if L["glow"] != BLACK:
+            cv.paint(cv.rect(hx0 + 1, eye - 1, hx0 + 2, eye), flat(L["glow"]))
+        cv.paint(cv.rect(hx0, eye + 1, hx0 + 1, eye + 2), dark, tone=BASE)  # nose hole
+        cv.paint(cv.rect(hx0 + 1, hb - 1, hx0 + 2, hb), skin, tone=DEEP)
+    else:
+        nose = 2 if kind == "goblin" else 1
+        cv.paint(cv.rect(hx0 - nose, eye + 1, hx0, eye + 2), skin, tone=BASE)
+        iris = ramp(L["iris"])
+        x = hx0 + 1
+        if L["eyes"] == "big":
+            cv.paint(cv.rect(x, eye, x + 2, eye + 2), iris, tone=BASE)
+            cv.paint(cv.rect(x, eye, x + 1, eye + 1), flat(WHITE))
+        elif L["eyes"] == "sclera":
+            cv.paint(cv.rect(x, eye, x + 2, eye + 2), flat(WHITE))
+            cv.paint(cv.rect(x, eye, x + 1, eye + 2), iris, tone=BASE)
+        elif L["eyes"] == "tall":
+            cv.paint(cv.rect(x, eye, x + 1, eye + 2), iris, tone=BASE)
+        else:
+            cv.paint(cv.rect(x, eye + 1, x + 1, eye + 2), iris, tone=BASE)
+        if kind == "orc":
+            cv.paint(cv.rect(x - 1, eye - 1, x + 2, eye), skin, tone=DEEP)       # brow
+            cv.paint(cv.rect(x, hb - 3, x + 1, hb - 1), flat(WHITE))             # tusk
+        elif L["mouth"]:
+            cv.paint(cv.rect(hx0, eye + 2.5, hx0 + 1.5, eye + 3), skin, tone=DEEP)
+        if L["blush"]:
+            cv.paint(cv.rect(x + 1, eye + 2, x + 2, eye + 3), flat(BLUSH))
+    if kind in ("elf", "goblin", "orc"):
+        span, lift = {"elf": (2.5, 2.5), "goblin": (4, 1.5), "orc": (1.6, 1.2)}[kind]
+        ear = cv.poly([(CX + 0.5, eye - 1), (CX + 1.5 + span, eye - 1 - lift),
+                       (CX + 1.5, eye + 1.5)])
+        cv.paint(ear, skin, tone=SHADOW)
+    elif kind in ("human", "dwarf"):
+        cv.paint(cv.rect(CX + 0.5, eye, CX + 1.5, eye + 2), skin, tone=SHADOW)
+    if L["beard"]:
+        bottom = (sh + 3.5) if R["long_beard"] else hb + 0.5
+        cv.paint(cv.poly([(hx0, eye + 2), (CX + 1.5, eye + 2), (CX + 0.5, hb),
+                          (hx0 + 1.5, bottom), (hx0, hb - 1)]), hair)
+    style = L["hair"]
+    if style not in ("bald", "tuft", "mohawk", "topknot") and L["head"] != "hood":
+        sides_to = {"short": eye, "spiky": eye, "bun": eye, "long": hb + 2,
+                    "bob": hb, "twintails": eye + 1}[style]
+        shape = cv.rbox(hx0 - 1, ht - 1, hx1 + 1, ht + 5, 2.5) & cv.rect(0, 0, 32, ht + 2)
+        shape |= cv.rect(hx0, ht + 2, hx0 + 2, ht + 3) | cv.rect(CX + 1.5, ht + 1, hx1 + 1,
+                                                                  sides_to)
+        if style == "spiky":
+            for x in np.arange(hx0 - 1, hx1, 2.5):
+                shape |= cv.poly([(x, ht + 0.5), (x + 2.5, ht + 0.5), (x + 2.2, ht - 2.2)])
+        cv.paint(shape, hair, cast=True)
+    elif style == "mohawk":
+        cv.paint(cv.rect(hx0 + 1, ht - 2.5, hx1 - 1, ht + 1), hair, cast=True)
+    elif style == "tuft":
+        cv.paint(cv.poly([(CX - 1.5, ht + 0.5), (CX + 1.5, ht + 0.5), (CX + 2, ht - 2.5),
+                          (CX, ht - 1)]), hair)
+
+
+def draw_side_headgear(cv, p, L, hair, ramps, span):
+    """Hat, hood, helmet, crown or bandana in profile; points and tails lean back."""
+    cloth, accent, metal, cape = ramps
+    ht, hb, eye, sh = p["ht"], p["hb"], p["eye"], p["sh"]
+    hx0, hx1 = p["hx0"], p["hx1"]
+    hg = L["head"]
+    if hg == "wizard":
+        tip = CX + abs(L["hat_tip"]) + 1
+        brim_y = ht + 1
+        cv.paint(cv.poly([(hx0 + 0.5, brim_y), (hx1 - 0.5, brim_y),
+                          (tip + 0.5, brim_y - L["hat_h"]), (tip - 0.5, brim_y - L["hat_h"])]),
+                 cloth)
+        cv.paint(cv.rect(hx0 + 0.5, brim_y - 1, hx1 - 0.5, brim_y), accent)
+        cv.paint(cv.rbox(hx0 - 2, brim_y, hx1 + 2, brim_y + 1.6, 6), cloth, cast=True)
+    elif hg == "hood":
+        hood_col = cloth if L["archetype"] != "noble" else cape
+        outer = cv.rbox(hx0 - 1, ht - 1.5, hx1 + 1, hb + 1.5, 3)
+        if L["hood_point"]:
+            outer |= cv.poly([(CX, ht - 1), (CX + 3, ht - 1), (hx1 + 2.5, ht - 3)])
+        face = cv.rbox(hx0 - 1, ht + 2, CX + 0.5, hb + 0.5, 3)
+        cv.paint(outer & ~face, hood_col, cast=True)
+        cv.paint(cv.rect(span[0] - 1, sh, span[1] + 1, sh + 2) & ~face, hood_col, cast=True)
+        cv.darken(face & cv.rect(0, ht + 2, 32, ht + 3))
+    elif hg == "helmet":
+        kindh = L["helmet"]
+        if kindh == "horned":
+            cv.paint(cv.poly([(CX - 1, ht + 1), (CX - 3, ht - 1), (CX - 2.5, ht - 3.5),
+                              (CX, ht)]), ramp(BONE[0]))
+        if kindh == "plume":
+            cv.paint(cv.ellipse(CX + 1, ht - 1.5, 2.6, 1.2), accent)
+        dome = cv.rbox(hx0 - 1, ht - 1, hx1 + 1, eye + 1.5, 2.5) & cv.rect(0, 0, 32, eye)
+        if kindh == "visor":
+            dome = cv.rbox(hx0 - 1, ht - 1, hx1 + 1, hb + 0.5, 3)
+        cv.paint(dome, metal, cast=True)
+        cv.paint(cv.rect(hx0 - 1, eye - 1, hx1 + 1, eye), metal, tone=SHADOW)
+        if kindh == "visor":
+            cv.paint(cv.rect(hx0 - 1, eye, hx0 + 2, eye + 1), ramp(BLACK), tone=BASE)
+        if kindh == "spike":
+            cv.paint(cv.poly([(CX - 1.5, ht - 0.5), (CX + 1.5, ht - 0.5), (CX, ht - 3.5)]),
+                     metal)
+    elif hg == "crown":
+        base_y = ht - (0 if L["hair"] == "bald" else 1)
+        crown = cv.rect(hx0 + 2, base_y - 1.5, hx1 - 2, base_y + 0.5)
+        for x in (hx0 + 2, CX - 0.5, hx1 - 3):
+            crown |= cv.rect(x, base_y - 3, x + 1, base_y - 1)
+        cv.paint(crown, ramp(METAL["gold"]), cast=True)
+        cv.paint(cv.rect(hx0 + 2, base_y - 1, hx0 + 3, base_y), flat(L["gem"]))
+    elif hg == "bandana":
+        cv.paint(cv.rect(hx0 - 1, ht + 1, hx1 + 1, ht + 2.5), accent, cast=True)
+        cv.paint(cv.poly([(hx1, ht + 1.5), (hx1 + 2.5, ht + 3.5), (hx1 + 1.5, ht + 4)]), accent)
 
 
 def cv_unit(cv):
@@ -892,8 +1222,10 @@ def draw_shield(cv, L, x_out, sh, hip, metal, accent, trim):
 # --------------------------------------------------------------------------
 # Slimes
 # --------------------------------------------------------------------------
-def draw_slime(cv, d):
-    """A jelly blob with a face; sometimes royal, sometimes wizardly."""
+def draw_slime(cv, d, facing="front"):
+    """A jelly blob with a face; sometimes royal, sometimes wizardly. From the back it
+    shows no face; in profile ("side"/"side_far_left") one eye near its front (left)."""
+    side, back = facing.startswith("side"), facing == "back"
     body = ramp(d.pick(SLIME))
     w = d.pick([12, 14, 16, 18])
     h = d.pick([9, 10, 11, 12, 13])
@@ -913,7 +1245,12 @@ def draw_slime(cv, d):
     gap = d.pick([1, 2])
     style = d.pick(["big", "big", "happy", "tall"])
     dark = ramp(BLACK)
-    if style == "big":
+    ex = CX - w / 2 + 2                                 # the profile's eye column
+    if back:
+        pass
+    elif side:
+        draw_slime_profile_face(cv, ex, eye, style, dark)
+    elif style == "big":
         cv.paint(cv.srect(CX - gap - 2, eye - 1, CX - gap, eye + 2), dark, tone=BASE)
         cv.paint(cv.rect(CX - gap - 2, eye - 1, CX - gap - 1, eye), flat(WHITE))
         cv.paint(cv.rect(CX + gap, eye - 1, CX + gap + 1, eye), flat(WHITE))
@@ -923,11 +1260,17 @@ def draw_slime(cv, d):
         cv.paint(cv.srect(CX - gap - 2, eye, CX - gap - 1, eye + 1) |
                  cv.srect(CX - gap - 1, eye - 1, CX - gap, eye), dark, tone=BASE)
     mouth = d.pick(["smile", "open", "none"])
-    if mouth == "smile":
-        cv.paint(cv.rect(CX - 1, eye + 2.5, CX + 1, eye + 3), dark, tone=BASE)
+    mx = ex - 1 if side else CX - 1                     # the mouth's left edge
+    if back:
+        pass
+    elif mouth == "smile":
+        cv.paint(cv.rect(mx, eye + 2.5, mx + 2, eye + 3), dark, tone=BASE)
     elif mouth == "open":
-        cv.paint(cv.rect(CX - 1, eye + 2, CX + 1, eye + 3.5), flat("#a83050"))
-    if d.chance(0.4):
+        cv.paint(cv.rect(mx, eye + 2, mx + 2, eye + 3.5), flat("#a83050"))
+    blush = d.chance(0.4)
+    if blush and side:
+        cv.paint(cv.rect(ex + 2, eye + 1.5, ex + 4, eye + 2.5), flat(BLUSH))
+    elif blush and not back:
         cv.paint(cv.srect(CX - gap - 4, eye + 1.5, CX - gap - 2, eye + 2.5), flat(BLUSH))
     # Headgear perched on top.
     gear = d.pick(["none", "none", "crown", "wizard", "helmet", "sprout", "bow"])
@@ -958,11 +1301,26 @@ def draw_slime(cv, d):
     return dict(kind="slime", archetype="slime")
 
 
+def draw_slime_profile_face(cv, ex, eye, style, dark):
+    """A slime's one visible eye, at column ex."""
+    if style == "big":
+        cv.paint(cv.rect(ex, eye - 1, ex + 2, eye + 2), dark, tone=BASE)
+        cv.paint(cv.rect(ex, eye - 1, ex + 1, eye), flat(WHITE))
+    elif style == "tall":
+        cv.paint(cv.rect(ex, eye - 1, ex + 1, eye + 1), dark, tone=BASE)
+    else:
+        cv.paint(cv.rect(ex, eye, ex + 1, eye + 1) | cv.rect(ex + 1, eye - 1, ex + 2, eye), dark,
+                 tone=BASE)
+
+
 # --------------------------------------------------------------------------
 # Robots
 # --------------------------------------------------------------------------
-def draw_robot(cv, d):
-    """A boxy automaton: screen face, antenna, chest panel, jointed limbs."""
+def draw_robot(cv, d, facing="front"):
+    """A boxy automaton: screen face, antenna, chest panel, jointed limbs. From the back
+    its head and chest show vents; in profile ("side"/"side_far_left") a narrower box
+    with one eye light at its front (left)."""
+    side, back = facing.startswith("side"), facing == "back"
     shell = ramp(d.pick(ROBOT_BODY))
     joint = ramp(METAL["dark"])
     glow = flat(d.pick(GLOW))
@@ -975,6 +1333,8 @@ def draw_robot(cv, d):
     treads = d.chance(0.2)
     if treads:
         legs = 4
+    if side:                     # seen edge-on, the boxes are narrower
+        hw, tw = hw - 2, tw - 4
     hip = FLOOR - legs
     sh = hip - th
     hb = sh                      # robots have a neck joint instead of a chin overlap
@@ -986,33 +1346,59 @@ def draw_robot(cv, d):
         cv.paint(cv.rbox(CX - tw / 2 - 2, hip + 0.5, CX + tw / 2 + 2, FLOOR, 6), joint)
         for x in np.arange(CX - tw / 2 - 0.5, CX + tw / 2 + 1, 2.5):
             cv.paint(cv.ellipse(x, hip + 2.2, 0.8, 0.8), shell, tone=HI)
+    elif side:
+        cv.paint(cv.rect(CX - 1, hip, CX + 1, FLOOR - 2), joint)
+        cv.paint(cv.rect(CX - 3, FLOOR - 2, CX + 1.5, FLOOR), shell)
     else:
         cv.paint(cv.srect(CX - 3, hip, CX - 1, FLOOR - 2), joint)
         cv.paint(cv.srect(CX - 4.5, FLOOR - 2, CX - 0.5, FLOOR), shell)
-    # Torso with a chest panel of lights.
+    # Torso with a chest panel of lights (a vent grille on the back).
     cv.paint(cv.rect(CX - 1, hb, CX + 1, sh + 1), joint)            # neck
     cv.paint(cv.rbox(tx0, sh, tx1, hip + 1, 6), shell, cast=True)
     panel = cv.rect(CX - 2, sh + 1.5, CX + 2, sh + 3.5)
-    cv.paint(panel, screen, tone=BASE)
+    if side:
+        panel = cv.rect(tx0, sh + 1.5, tx0 + 1, sh + 3.5)
+    if not back:
+        cv.paint(panel, screen, tone=BASE)
+    else:
+        cv.paint(cv.rect(CX - 2, sh + 1.5, CX + 2, sh + 2) | cv.rect(CX - 2, sh + 3, CX + 2,
+                                                                     sh + 3.5), joint)
     for i, x in enumerate((CX - 1.5, CX + 0.5)):
-        cv.paint(cv.rect(x, sh + 2, x + 1, sh + 3), glow if i == 0 else flat(d.pick(GLOW)))
-    # Arms: shoulder ball, upper arm, elbow, forearm, claw.
-    for sgn in (-1, 1):
+        light = glow if i == 0 else flat(d.pick(GLOW))
+        if not back and (not side or i == 0):
+            cv.paint(cv.rect(tx0 if side else x, sh + 2, (tx0 if side else x) + 1, sh + 3), light)
+    # Arms: shoulder ball, upper arm, elbow, forearm, claw (in profile, the near one).
+    for sgn in ((0,) if side else (-1, 1)):
         x_in = tx0 if sgn < 0 else tx1
         lo, hi_ = (x_in - 2, x_in) if sgn < 0 else (x_in, x_in + 2)
+        if side:
+            lo, hi_ = CX - 1, CX + 1
         cv.paint(cv.rect(lo, sh + 1, hi_, sh + 3), shell)
         cv.paint(cv.rect(lo + 0.5, sh + 3, hi_ - 0.5, sh + 4), joint)
         cv.paint(cv.rect(lo, sh + 4, hi_, hip), shell)
         cv.paint(cv.rect(lo, hip, hi_, hip + 1.5), joint)
         cv.paint(cv.ellipse((lo + hi_) / 2, sh + 1, 1.6, 1.4), shell, cast=True)
     # Head: a box with a screen face and little bolts.
-    cv.paint(cv.srect(hx0 - 1, ht + 2, hx0, ht + 4), joint)
+    if side:
+        cv.paint(cv.rect(CX - 0.5, ht + 2, CX + 0.5, ht + 4), joint)     # the bolt, edge-on
+    else:
+        cv.paint(cv.srect(hx0 - 1, ht + 2, hx0, ht + 4), joint)
     cv.paint(cv.rbox(hx0, ht, hx1, hb, 5), shell, cast=True)
     scr = cv.rbox(hx0 + 1, ht + 2, hx1 - 1, hb - 1, 4)
-    cv.paint(scr, screen, tone=BASE)
+    if side:
+        scr = cv.rect(hx0, ht + 2, hx0 + 1.5, hb - 1)
+    if back:
+        for y in np.arange(ht + 2, hb - 1, 1.5):                       # the vents
+            cv.paint(cv.rect(hx0 + 1.5, y, hx1 - 1.5, y + 0.5), joint)
+    else:
+        cv.paint(scr, screen, tone=BASE)
     face = d.pick(["dots", "band", "square"])
     ey = ht + 3
-    if face == "dots":
+    if back:
+        pass
+    elif side:
+        cv.paint(cv.rect(hx0, ey, hx0 + 1, ey + (1 if face == "band" else 2)), glow)
+    elif face == "dots":
         cv.paint(cv.srect(CX - 3, ey, CX - 1, ey + 2), glow)
     elif face == "band":
         cv.paint(cv.rect(hx0 + 1.5, ey + 0.5, hx1 - 1.5, ey + 1.5), glow)
@@ -1024,24 +1410,54 @@ def draw_robot(cv, d):
     if ant == "one":
         cv.paint(cv.rect(CX - 0.5 * cv_unit(cv), ht - 3, CX + 0.5 * cv_unit(cv), ht), joint)
         cv.paint(cv.ellipse(CX, ht - 3.2, 1.1, 1.1), glow)
+    elif ant == "two" and side:              # one behind the other
+        cv.paint(cv.rect(CX - 0.5, ht - 2.5, CX + 0.5, ht), joint)
+        cv.paint(cv.rect(CX - 1, ht - 3.5, CX + 1, ht - 2.5), glow)
     elif ant == "two":
         cv.paint(cv.srect(hx0 + 1, ht - 2.5, hx0 + 2, ht), joint)
         cv.paint(cv.srect(hx0 + 0.5, ht - 3.5, hx0 + 2.5, ht - 2.5), glow)
     elif ant == "dish":
         cv.paint(cv.rect(CX - 0.5, ht - 1.5, CX + 0.5, ht), joint)
-        cv.paint(cv.ellipse(CX, ht - 2, 2.5, 1.0), shell)
-    # Sometimes armed.
+        cv.paint(cv.ellipse(CX, ht - 2, 2.5 if not side else 1.0, 1.0), shell)
+    # Sometimes armed: the blade in its right hand, the shield on its left arm.
     item = d.pick(["none", "none", "sword", "shield", "both"])
-    ax0 = tx0 - 2
-    if item in ("sword", "both"):
-        x = ax0 - 1
-        cv.paint(cv.rect(x, hip - 9, x + 1, hip), ramp(d.pick(GLOW[:3])))   # energy blade
-        cv.paint(cv.rect(x - 1, hip - 1, x + 2, hip), joint)
-        cv.paint(cv.rect(x, hip, ax0 + 2, hip + 1.5), joint)
+    blade = ramp(d.pick(GLOW[:3])) if item in ("sword", "both") else None
+    L = None
     if item in ("shield", "both"):
         L = dict(shield=d.pick(["round", "heater"]), emblem=d.pick(["boss", "stripe"]))
-        draw_shield(cv, L, tx1 + 2, sh, hip, shell, ramp(d.pick(GLOW)), joint)
+        L["face"] = ramp(d.pick(GLOW))
+    if side:
+        draw_robot_side_items(cv, facing, blade, L, (sh, hip), shell, joint)
+        return dict(kind="robot", archetype="robot")
+    ax0 = tx0 - 2
+    if blade is not None:
+        x = ax0 - 1
+        cv.paint(cv.rect(x, hip - 9, x + 1, hip), blade)                     # energy blade
+        cv.paint(cv.rect(x - 1, hip - 1, x + 2, hip), joint)
+        cv.paint(cv.rect(x, hip, ax0 + 2, hip + 1.5), joint)
+    if L is not None:
+        face_col = joint if back else L["face"]           # from behind: the shield's back
+        draw_shield(cv, dict(L, emblem="none") if back else L, tx1 + 2, sh, hip, shell,
+                    face_col, joint)
     return dict(kind="robot", archetype="robot")
+
+
+def draw_robot_side_items(cv, facing, blade, L, levels, shell, joint):
+    """A robot's blade and shield in profile: facing "side" has its left arm (the shield)
+    near, "side_far_left" its right hand (the blade); the far one is drawn behind."""
+    sh, hip = levels
+    near_blade = facing == "side_far_left"
+    if blade is not None:
+        x = CX - 2 if near_blade else CX + 1
+        under = cv.ramp_id >= 0                          # what the body already covers
+        blade_mask = cv.rect(x, hip - 9, x + 1, hip)
+        cv.paint(blade_mask if near_blade else blade_mask & ~under, blade)
+        cv.paint(cv.rect(x - 1, hip - 1, x + 2, hip) & (~under | near_blade), joint)
+    if L is not None:
+        if near_blade:
+            cv.paint(cv.rbox(CX + 1, sh + 1, CX + 4, hip + 1.5, 4) & ~(cv.ramp_id >= 0), joint)
+        else:
+            draw_shield(cv, L, CX + 0.5, sh, hip, shell, L["face"], joint)
 
 
 # --------------------------------------------------------------------------
@@ -1057,33 +1473,56 @@ def sprite_kind(seed, index, attempt=0):
     return Dice(_rng(seed, index, attempt)).pick(KINDS, KIND_WEIGHTS)
 
 
-def make_sprite(seed, index, grid=32, attempt=0, return_info=False):
+def make_sprite(seed, index, grid=32, attempt=0, return_info=False, facing="front"):
     """Draw sprite `index` for `seed`: a (128, 128, 4) uint8 RGBA array.
 
     `attempt` is a sub-seed used only to redraw a sprite that would duplicate
     an earlier one (see generate()). With return_info=True, also returns a
-    dict with the body kind and archetype.
+    dict with the body kind and archetype. `facing` draws the same character
+    from another side (see make_turnaround()); "front" is the built-in set.
     """
     d = Dice(_rng(seed, index, attempt))
     kind = d.pick(KINDS, KIND_WEIGHTS)
     cv = Canvas(grid)
     if kind == "slime":
-        info = draw_slime(cv, d)
+        info = draw_slime(cv, d, facing)
     elif kind == "robot":
-        info = draw_robot(cv, d)
+        info = draw_robot(cv, d, facing)
     else:
-        info = draw_person(cv, d, kind)
+        info = draw_person(cv, d, kind, facing)
     img = cv.render()
     return (img, info) if return_info else img
 
 
-def generate(seed=0, count=2048, grid=32):
-    """Yield (index, image, kind) for the first `count` sprites, never repeating one.
+# --------------------------------------------------------------------------
+# Turnarounds: every character from four sides
+# --------------------------------------------------------------------------
+# The four views of a character replay the very same dice, so palette, gear and
+# proportions agree by construction; only the drawing differs. The profile is
+# drawn facing the viewer's left with the character's left hand near; the right
+# view is that drawing with the other hand near, mirrored, so a sword in the
+# right hand is near in the right view and behind the body in the left view.
+# The back is drawn in the front's layout without a face and then mirrored, so
+# the right hand is on the viewer's right as it must be from behind. (Mirroring
+# also moves the light to the top-right in those two views.)
+VIEWS = ("front", "left", "back", "right")
+VIEW_FACING = {"front": ("front", False), "left": ("side", False),
+               "back": ("back", True), "right": ("side_far_left", True)}  # (facing, mirror)
 
-    If sprite i comes out pixel-identical to an earlier sprite, it is redrawn
-    with attempt = 1, 2, ... until it is new. Only earlier sprites are
-    compared, so the first N sprites are the same whatever `count` is.
-    """
+
+def make_turnaround(seed, index, grid=32, attempt=0):
+    """Character `index` in the four VIEWS: a (4, 128, 128, 4) uint8 array whose front
+    is make_sprite(seed, index, grid, attempt) exactly."""
+    views = []
+    for view in VIEWS:
+        facing, mirrored = VIEW_FACING[view]
+        img = make_sprite(seed, index, grid, attempt, facing=facing)
+        views.append(img[:, ::-1] if mirrored else img)
+    return np.ascontiguousarray(np.stack(views))
+
+
+def unique_sprites(seed=0, count=2048, grid=32):
+    """Yield (index, attempt, image, info) for the first `count` sprites (see generate())."""
     seen = set()
     for i in range(count):
         attempt = 0
@@ -1094,7 +1533,43 @@ def generate(seed=0, count=2048, grid=32):
                 seen.add(key)
                 break
             attempt += 1
+        yield i, attempt, img, info
+
+
+def generate(seed=0, count=2048, grid=32):
+    """Yield (index, image, kind) for the first `count` sprites, never repeating one.
+
+    If sprite i comes out pixel-identical to an earlier sprite, it is redrawn
+    with attempt = 1, 2, ... until it is new. Only earlier sprites are
+    compared, so the first N sprites are the same whatever `count` is.
+    """
+    for i, _, img, info in unique_sprites(seed, count, grid):
         yield i, img, info["kind"]
+
+
+def turnarounds(seed=0, per_kind=64, grid=32):
+    """Yield (index, kind, views (4, 128, 128, 4)) for the first `per_kind` characters of
+    every kind among the built-in sprites, in index order."""
+    taken = {kind: 0 for kind in KINDS}
+    for i, attempt, _, info in unique_sprites(seed, 10**9, grid):
+        if all(n >= per_kind for n in taken.values()):
+            return
+        if taken[info["kind"]] < per_kind:
+            taken[info["kind"]] += 1
+            yield i, info["kind"], make_turnaround(seed, i, grid, attempt)
+
+
+def write_turnarounds(out, seed=0, per_kind=64, grid=32):
+    """<out>/<kind>/c<index>/<k>_<view>.png at the art's native size (grid x grid): the
+    trainer scales them up by nearest neighbour. Returns the number of characters."""
+    n, k = 0, SIZE // grid
+    for i, kind, views in turnarounds(seed, per_kind, grid):
+        folder = out / kind / f"c{i:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for v, (name, img) in enumerate(zip(VIEWS, views)):
+            save_png(np.ascontiguousarray(img[::k, ::k]), folder / f"{v}_{name}.png")
+        n += 1
+    return n
 
 
 def save_png(img, path):
@@ -1143,7 +1618,17 @@ def main(argv=None):
                     help="also write a contact sheet here: one row per kind, its first 8 sprites")
     ap.add_argument("--no-images", action="store_true",
                     help="only build the contact sheet (stops once it is full), write no PNG files")
+    ap.add_argument("--turnarounds", type=Path, default=None, metavar="DIR",
+                    help="instead, write --per-kind characters of every kind in 4 views "
+                         "(front, left, back, right) to DIR, e.g. data/turnarounds")
+    ap.add_argument("--per-kind", type=int, default=64,
+                    help="characters per kind for --turnarounds (default 64)")
     args = ap.parse_args(argv)
+    if args.turnarounds is not None:
+        n = write_turnarounds(args.turnarounds, args.seed, args.per_kind, args.grid)
+        where = args.turnarounds
+        print(f"{n} characters x 4 views (seed {args.seed}, grid {args.grid}) -> {where}")
+        return
 
     first = {kind: [] for kind in KINDS}     # the first 8 sprites of each kind
     i = -1                                   # (so --count 0 reports 0 sprites)

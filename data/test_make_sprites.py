@@ -182,3 +182,103 @@ def test_committed_contact_sheet_is_reproducible(tmp_path):
     run_cli("--no-images", "--sheet", str(tmp_path / "sheet.png"))
     assert (tmp_path / "sheet.png").read_bytes() == (HERE / "contact_sheet.png").read_bytes()
     assert Image.open(HERE / "contact_sheet.png").size == (8 * 128 + 9 * 4,) * 2
+
+
+# --------------------------------------------------------------------------
+# Turnarounds: the same characters in four views (data/turnarounds)
+# --------------------------------------------------------------------------
+TURNAROUNDS = HERE / "turnarounds"
+
+
+def person_hands(index):
+    """(kind, left-hand item, right-hand item) of character `index` (first attempt)."""
+    d = make_sprites.Dice(make_sprites._rng(0, index, 0))
+    kind = d.pick(make_sprites.KINDS, make_sprites.KIND_WEIGHTS)
+    if kind in ("slime", "robot"):
+        return kind, None, None
+    _, look, _ = make_sprites.person_plan(d, kind)
+    return kind, look["left"], look["right"]
+
+
+def colour_histogram(img):
+    """Normalised histogram of the opaque pixels' colours, 8 levels per channel."""
+    rgb = img[img[..., 3] > 0][:, :3].astype(int) // 32
+    cells = np.bincount((rgb[:, 0] * 8 + rgb[:, 1]) * 8 + rgb[:, 2], minlength=512)
+    return cells / max(cells.sum(), 1)
+
+
+def test_turnaround_front_is_the_built_in_sprite_and_views_are_deterministic():
+    """make_turnaround gives 4 views (front, left, back, right); its front is exactly
+    make_sprite's sprite, so the single-view set is the turnarounds' front row; the same
+    (seed, index) gives the same views and the views differ from one another."""
+    for i in (0, 5, 11):
+        views = make_sprites.make_turnaround(0, i)
+        assert views.shape == (4, 128, 128, 4) and views.dtype == np.uint8
+        assert np.array_equal(views[0], make_sprites.make_sprite(0, i))
+        assert np.array_equal(views, make_sprites.make_turnaround(0, i))
+        assert not np.array_equal(views[0], views[2])
+    assert make_sprites.VIEWS == ("front", "left", "back", "right")
+
+
+def test_left_is_the_mirror_of_right_when_the_hands_are_empty():
+    """Body, head and hair are drawn once in profile: with nothing in either hand (slimes,
+    unarmed people), the right view is the left view mirrored pixel for pixel. A person with
+    a shield is not symmetric: the shield arm is near in one profile and far in the other."""
+    symmetric = asymmetric = 0
+    for i in range(60):
+        kind, left, right = person_hands(i)
+        if kind == "robot":
+            continue
+        views = make_sprites.make_turnaround(0, i)
+        mirrored = np.array_equal(views[1], views[3][:, ::-1])
+        if kind == "slime" or (left == "none" and right == "none"):
+            assert mirrored, i
+            symmetric += 1
+        elif right == "shield":
+            assert not mirrored, i
+            asymmetric += 1
+    assert symmetric >= 3 and asymmetric >= 3
+
+
+def test_the_views_of_one_character_share_its_palette():
+    """Every view of a character is drawn from the same dice: its views' colour histograms
+    (8 levels per channel) are much closer to each other than to another character's."""
+    chars = [make_sprites.make_turnaround(0, i) for i in range(24)]
+    hists = [[colour_histogram(v) for v in c] for c in chars]
+    tv = lambda a, b: 0.5 * np.abs(a - b).sum()  # noqa: E731
+    own = np.mean([tv(h[k], h[m]) for h in hists for k in range(4) for m in range(k + 1, 4)])
+    strangers = np.mean([tv(hists[i][0], hists[i - 1][m]) for i in range(24) for m in range(4)])
+    assert own < 0.5 * strangers, (own, strangers)
+
+
+def test_the_back_of_a_slime_shows_no_face():
+    """A slime's front shows its eyes in the dark face colour; its back shows none of it."""
+    dark = np.array(make_sprites.ramp(make_sprites.BLACK)[make_sprites.BASE])
+    found = 0
+    for i in range(80):
+        if person_hands(i)[0] != "slime":
+            continue
+        views = make_sprites.make_turnaround(0, i)
+        has_dark = [(v[..., :3] == dark).all(-1).any() for v in views]
+        assert has_dark[0] and not has_dark[2], i
+        found += 1
+    assert found >= 3
+
+
+def test_committed_turnarounds_are_complete_and_reproducible(tmp_path):
+    """data/turnarounds holds 64 characters per kind, each a folder of 4 native-size (32x32)
+    RGBA views named 0_front.png .. 3_right.png; `--turnarounds DIR --per-kind 1` rewrites
+    the first character of every kind byte for byte."""
+    folders = sorted(TURNAROUNDS.glob("*/c*"))
+    assert {f.parent.name for f in folders} == set(make_sprites.KINDS)
+    assert all(len(list((TURNAROUNDS / k).iterdir())) == 64 for k in make_sprites.KINDS)
+    names = ["0_front.png", "1_left.png", "2_back.png", "3_right.png"]
+    for f in folders[::37]:
+        assert sorted(p.name for p in f.iterdir()) == names
+        with Image.open(f / names[2]) as im:
+            assert im.size == (32, 32) and im.mode == "RGBA"
+    run_cli("--turnarounds", str(tmp_path), "--per-kind", "1")
+    made = sorted(tmp_path.rglob("*.png"))
+    assert len(made) == 8 * 4
+    for new in made:
+        assert new.read_bytes() == (TURNAROUNDS / new.relative_to(tmp_path)).read_bytes(), new
