@@ -570,7 +570,7 @@ class Solver:
     steps: int = 20
     sigma: float = 1.0
     seed: int = 0
-    palette: object = None
+    palette: "OnPalette" = None
 
     def calls(self):
         """Network calls per sprite (a guided call, on two inputs at once, counts as one)."""
@@ -729,9 +729,11 @@ def oklab(rgb):
 
 
 def nearest_colour(rgb, colours):
-    """rgb (M, 3) in [-1, 1], colours uint8 (K, 3) -> (M,) index of each one's nearest colour."""
-    palette = colours.to(rgb.device).float() / 127.5 - 1  # (K, 3)
-    return torch.cdist(oklab(rgb), oklab(palette)).argmin(1)
+    """rgb (M, 3) in [-1, 1], colours uint8 (K, 3) -> (M,) index of each one's nearest colour
+    (in chunks of 65,536 colours, so the distances of a 64-sprite batch fit in memory)."""
+    palette = oklab(colours.to(rgb.device).float() / 127.5 - 1)  # (K, 3)
+    parts = [torch.cdist(oklab(part), palette).argmin(1) for part in rgb.split(1 << 16)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=rgb.device)
 
 
 def project_to_palette(z, pal):
@@ -762,10 +764,9 @@ def palette_pixels(sprites, colours):
     palette colour, exactly; alpha untouched. The last step of sampling with a palette."""
     out = sprites.clone()
     opaque = out[..., 3] > 0  # (B, H, W)
-    rgb = out[..., :3][opaque]  # (M, 3)
-    if len(rgb):
-        nearest = nearest_colour(rgb.float() / 127.5 - 1, colours)
-        out[..., :3][opaque] = colours.to(out.device)[nearest]
+    rgb, which = out[..., :3][opaque].unique(dim=0, return_inverse=True)  # (M, 3) distinct
+    nearest = nearest_colour(rgb.float() / 127.5 - 1, colours)
+    out[..., :3][opaque] = colours.to(out.device)[nearest][which]
     return out
 
 
