@@ -570,7 +570,7 @@ class Solver:
     steps: int = 20
     sigma: float = 1.0
     seed: int = 0
-    palette: "OnPalette" = None
+    palette: object = None  # an OnPalette, or None
 
     def calls(self):
         """Network calls per sprite (a guided call, on two inputs at once, counts as one)."""
@@ -752,9 +752,9 @@ def project_to_palette(z, pal):
 def held_to_palette(clean, pal):
     """The guess of `clean`, projected onto the palette from t_p on (the clamp stays)."""
 
-    def clean_on_palette(x, t):
+    def clean_on_palette(x, t):  # t is float32: 0.9 reads 0.8999999762, hence the 1e-6
         z = clean(x, t)
-        return project_to_palette(z, pal) if t[0].item() >= pal.t_p else z
+        return project_to_palette(z, pal) if t[0].item() >= pal.t_p - 1e-6 else z
 
     return clean_on_palette
 
