@@ -1887,6 +1887,211 @@ def test_views_from_keeps_the_given_view_bit_for_bit(views_run, monkeypatch, cap
 
 
 # -----------------------------------------------------------------------------
+# Palettes: the data's, the artist's files, and a colour budget per sprite
+# -----------------------------------------------------------------------------
+
+PICO = [[0, 0, 0], [29, 43, 83], [126, 37, 83], [255, 241, 232]]
+
+
+def palette_files(folder):
+    """The same four colours in every format `sample --palette` reads: {name: path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [" ".join(map(str, c)) for c in PICO]
+    hexes = ["%02x%02x%02x" % tuple(c) for c in PICO]
+    files = {
+        "gpl": "GIMP Palette\nName: four\nColumns: 4\n# a comment\n"
+               + "\n".join(f"{line}\tcolour {k}" for k, line in enumerate(lines)) + "\n",
+        "hex": "\n".join(hexes) + "\n",
+        "txt": "; Paint.NET Palette File\n; four colours\n" + "\n".join("FF" + h for h in hexes)
+               + "\n00ABCDEF\n",  # a fully transparent entry is not a colour
+        "pal": "JASC-PAL\r\n0100\r\n4\r\n" + "\r\n".join(lines) + "\r\n",
+    }
+    paths = {}
+    for suffix, text in files.items():
+        paths[suffix] = folder / f"four.{suffix}"
+        paths[suffix].write_text(text)
+    strip = np.array([[c + [255] for c in PICO] + [[9, 9, 9, 0]]], np.uint8)  # + a clear pixel
+    paths["png"] = folder / "four.png"
+    Image.fromarray(np.repeat(strip, 3, 0)).save(paths["png"])
+    return paths
+
+
+def test_palette_files_parse_to_their_colours(tmp_path):
+    """GIMP .gpl, Lospec .hex, Paint.NET .txt (AARRGGBB, ';' comments), JASC .pal (CRLF) and
+    an image (its distinct opaque colours) all give the same four colours."""
+    for suffix, path in palette_files(tmp_path).items():
+        colours = sf.read_palette(path)
+        assert colours.dtype == torch.uint8 and colours.shape == (4, 3), suffix
+        assert sorted(colours.tolist()) == sorted(PICO), suffix
+
+
+def test_oklab_puts_white_at_one_and_greys_on_the_axis():
+    """OKLab: white -> (1, 0, 0), black -> (0, 0, 0), every grey has a = b = 0, and L grows
+    with the grey level."""
+    grey = torch.linspace(-1, 1, 9)[:, None].expand(9, 3)
+    lab = sf.oklab(grey)
+    assert torch.allclose(lab[-1], torch.tensor([1.0, 0, 0]), atol=1e-4)
+    assert torch.allclose(lab[0], torch.zeros(3), atol=1e-6)
+    assert lab[:, 1:].abs().max() < 1e-4 and (lab[1:, 0] > lab[:-1, 0]).all()
+
+
+def test_projection_puts_each_opaque_block_on_its_nearest_palette_colour():
+    """Pi with lam = 1 gives every opaque pixel of z_hat the palette colour nearest its k x k
+    block's colour (so blocks are constant), lam = 0.5 moves it half-way, alpha and
+    transparent pixels never change, and before t_p the guess is left alone."""
+    colours = torch.tensor(PICO, dtype=torch.uint8)
+    z = torch.rand(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    hard = sf.project_to_palette(z, sf.OnPalette(colours, grid=4))
+    opaque = (z[:, 3] >= 0)[:, None].expand(-1, 3, -1, -1)
+    assert torch.equal(hard[:, 3], z[:, 3]) and torch.equal(hard[:, :3][~opaque], z[:, :3][~opaque])
+    on = (hard[:, :3].permute(0, 2, 3, 1)[opaque[:, 0]] + 1) * 127.5  # (M, 3)
+    assert (on.round()[:, None] == colours.float()).all(2).any(1).all()
+    assert torch.allclose(sf.snap_to_grid(hard, 4)[:, :3][opaque], hard[:, :3][opaque], atol=1e-6)
+    half = sf.project_to_palette(z, sf.OnPalette(colours, grid=4, lam=0.5))
+    assert torch.allclose(half, (z + hard) / 2, atol=1e-6)
+    clean = sf.held_to_palette(lambda x, t: x, sf.OnPalette(colours, grid=4, t_p=0.5))
+    assert torch.equal(clean(z, torch.full((2,), 0.4)), z)
+    assert torch.equal(clean(z, torch.full((2,), 0.5)), hard)
+
+
+def test_generate_with_a_palette_draws_only_its_colours_for_every_solver():
+    """With a palette every opaque pixel of generate()'s sprites is a palette colour, alpha
+    stays binary and transparent pixels keep RGB 0, for every solver."""
+    model, colours = perturbed(tiny_unet()), torch.tensor(PICO, dtype=torch.uint8)
+    for sampler in sf.SAMPLERS:
+        held = sf.OnPalette(colours, grid=4, t_p=0.5)
+        solver = sf.Solver(sampler, 4, palette=held)
+        sprites = sf.generate(model, sf.gaussian_noise(2, 3), solver=solver, grid=4)
+        rgb = sprites[..., :3][sprites[..., 3] > 0]
+        assert len(rgb) and (rgb[:, None] == colours).all(2).any(1).all(), sampler
+        assert set(sprites[..., 3].unique().tolist()) <= {0, 255}
+        assert (sprites[..., :3][sprites[..., 3] == 0] == 0).all()
+
+
+def sprite_files(folder):
+    """uint8 (N, H, W, 4) of a sample folder's sprite_NNN.png."""
+    return np.stack([np.array(Image.open(p)) for p in sorted(folder.glob("sprite_*.png"))])
+
+
+@pytest.mark.parametrize("kind", ["gpl", "hex", "txt", "pal", "png", "data"])
+def test_sample_with_a_palette_draws_every_opaque_pixel_from_it(
+    class_run, tmp_path, monkeypatch, capsys, kind
+):
+    """`sample --palette FILE` for each format, an image, and the checkpoint's own palette
+    (`data`): every opaque pixel of every sprite is a palette colour, alpha is binary and
+    transparent pixels have RGB 0. 10 steps, so the guesses are projected inside the flow
+    (t = 0.9 onwards) as well as at the end."""
+    path = "data" if kind == "data" else palette_files(tmp_path / "p")[kind]
+    status, out, err = run_main(
+        monkeypatch, capsys, "sample", "--checkpoint", class_run[1], "--n", 2, "--steps", 10,
+        "--palette", path, "--out", tmp_path / "s", "--no-bf16",
+    )
+    assert status == 0, err
+    ckpt = sf.read_checkpoint(class_run[1])
+    colours = ckpt["palette"] if kind == "data" else torch.tensor(PICO, dtype=torch.uint8)
+    assert (f"palette of the data ({len(colours)} colours)" if kind == "data"
+            else "palette four.{} (4 colours)".format(kind)) in out
+    sprites = torch.from_numpy(sprite_files(tmp_path / "s"))
+    rgb = sprites[..., :3][sprites[..., 3] > 0]
+    assert len(rgb) and (rgb[:, None] == colours).all(2).any(1).all()
+    assert set(sprites[..., 3].unique().tolist()) <= {0, 255}
+    assert (sprites[..., :3][sprites[..., 3] == 0] == 0).all()
+
+
+def test_a_palette_applied_after_sampling_changes_colours_only(
+    class_run, tmp_path, monkeypatch, capsys
+):
+    """With the projection after sampling only (t_p beyond 1), a palette changes no alpha:
+    the sprites' alpha is bit for bit that of the same seed without a palette, and the
+    colours are the palette's, where without it they are not."""
+    monkeypatch.setattr(sf, "PALETTE_T", 2.0)
+    runs = {}
+    for name, extra in (("plain", []), ("pal", ["--palette", palette_files(tmp_path)["hex"]])):
+        status, _, err = run_main(
+            monkeypatch, capsys, "sample", "--checkpoint", class_run[1], "--n", 3, "--steps", 4,
+            "--out", tmp_path / name, "--no-bf16", *extra,
+        )
+        assert status == 0, err
+        runs[name] = torch.from_numpy(sprite_files(tmp_path / name))
+    assert torch.equal(runs["plain"][..., 3], runs["pal"][..., 3])
+    def in_palette(sprites):
+        rgb = sprites[..., :3][sprites[..., 3] > 0]
+        return (rgb[:, None] == torch.tensor(PICO, dtype=torch.uint8)).all(2).any(1)
+
+    assert in_palette(runs["pal"]).all() and not in_palette(runs["plain"]).all()
+
+
+def test_colours_n_holds_on_every_sprite(class_run, tmp_path, monkeypatch, capsys):
+    """`sample --colours 3` leaves at most 3 opaque colours in every sprite (where the same
+    seed without it draws more), alone and with a palette, whose colours it then keeps to."""
+    counts = {}
+    for name, extra in (("free", []), ("three", ["--colours", 3]),
+                        ("pal", ["--colours", 3, "--palette", "data"])):
+        status, out, err = run_main(
+            monkeypatch, capsys, "sample", "--checkpoint", class_run[1], "--n", 2, "--steps", 3,
+            "--out", tmp_path / name, "--no-bf16", *extra,
+        )
+        assert status == 0, err
+        sprites = sprite_files(tmp_path / name)
+        counts[name] = [len(np.unique(s[s[..., 3] > 0][:, :3], axis=0)) for s in sprites]
+    assert max(counts["free"]) > 3
+    assert max(counts["three"]) <= 3 and max(counts["pal"]) <= 3
+    palette = sf.read_checkpoint(class_run[1])["palette"]
+    sprites = torch.from_numpy(sprite_files(tmp_path / "pal"))
+    assert (sprites[..., :3][sprites[..., 3] > 0][:, None] == palette).all(2).any(1).all()
+    assert "at most 3 colours per sprite" in out
+
+
+def test_the_checkpoint_keeps_the_data_palette(class_run, monkeypatch):
+    """A checkpoint's palette is every opaque colour of its training sprites when there are
+    at most PALETTE_SIZE, else that many of them; each palette colour is a data colour."""
+    tmp, path = class_run
+    palette = sf.read_checkpoint(path)["palette"]
+    x = sf.load_folder(tmp / "d")[0]
+    used, counts = sf.colour_counts(x, 8)
+    assert palette.dtype == torch.uint8 and 0 < len(palette) <= sf.PALETTE_SIZE
+    assert (palette[:, None] == used).all(2).any(1).all()
+    few = sf.data_palette(x[:1], 8)
+    assert sorted(few.tolist()) == sorted(sf.colour_counts(x[:1], 8)[0].tolist())
+    monkeypatch.setattr(sf, "PALETTE_SIZE", 5)
+    five = sf.data_palette(x, 8)
+    assert len(five) == 5 and (five[:, None] == used).all(2).any(1).all()
+
+
+@pytest.mark.parametrize(
+    "case", ["empty", "no header", "out of range", "bad hex", "jasc count", "unknown suffix",
+             "missing", "old checkpoint"],
+)
+def test_a_bad_palette_is_one_sentence(class_run, tmp_path, monkeypatch, capsys, case):
+    """A malformed or empty palette file, an unknown kind of file, a missing one, or
+    --palette data on a checkpoint that keeps no palette: exit 2, one line, no sprites."""
+    files = {
+        "empty": ("p.hex", "; only a comment\n\n"),
+        "no header": ("p.gpl", "255 0 0\n"),
+        "out of range": ("p.gpl", "GIMP Palette\n300 0 0\n"),
+        "bad hex": ("p.hex", "ff0000\nzz00zz\n"),
+        "jasc count": ("p.pal", "JASC-PAL\n0100\n3\n1 2 3\n"),
+        "unknown suffix": ("p.aco", "8BPS"),
+    }
+    checkpoint, palette = class_run[1], tmp_path / "gone.hex"
+    if case in files:
+        palette = tmp_path / files[case][0]
+        palette.write_text(files[case][1])
+    if case == "old checkpoint":
+        old = {k: v for k, v in torch.load(checkpoint, weights_only=True).items() if k != "palette"}
+        checkpoint, palette = tmp_path / "old.pt", "data"
+        torch.save(old, checkpoint)
+    status, _, err = run_main(
+        monkeypatch, capsys, "sample", "--checkpoint", checkpoint, "--n", 1, "--steps", 1,
+        "--palette", palette, "--out", tmp_path / "s",
+    )
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert case != "old checkpoint" or "keeps no palette" in err
+    assert case != "empty" or "holds no colours" in err
+    assert not (tmp_path / "s").exists()
+
+
+# -----------------------------------------------------------------------------
 # Part 4: fid.py. Random Inception weights only: nothing is downloaded. The real
 # network at 299x299 is slow on a CPU, so every test that runs it uses a handful
 # of images.
