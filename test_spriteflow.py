@@ -2913,7 +2913,9 @@ def test_checkpoint_sampling_defaults_come_from_spriteflow(monkeypatch, capsys):
         return torch.zeros(len(noise), 128, 128, 4, dtype=torch.uint8)
 
     ckpt = {"classes": [], "class_counts": [], "grid": 4, "bf16": False}
-    monkeypatch.setattr(sf, "load_models", lambda path, device: (torch.nn.Identity(), None, ckpt))
+    single = torch.nn.Identity()
+    single.views = 1  # a checkpoint of single sprites
+    monkeypatch.setattr(sf, "load_models", lambda path, device: (single, None, ckpt))
     monkeypatch.setattr(sf, "generate", fake_generate)
     monkeypatch.setattr(sf, "DEFAULT_SAMPLER", "euler")
     monkeypatch.setattr(sf, "DEFAULT_STEPS", 3)
