@@ -1979,8 +1979,9 @@ def test_sample_with_a_palette_draws_every_opaque_pixel_from_it(
 ):
     """`sample --palette FILE` for each format, an image, and the checkpoint's own palette
     (`data`): every opaque pixel of every sprite is a palette colour, alpha is binary and
-    transparent pixels have RGB 0. 10 steps, so the guesses are projected inside the flow
-    (t = 0.9 onwards) as well as at the end."""
+    transparent pixels have RGB 0. With t_p = 0.9 and 10 steps the guesses are projected
+    inside the flow as well as at the end."""
+    monkeypatch.setattr(sf, "PALETTE_T", 0.9)
     path = "data" if kind == "data" else palette_files(tmp_path / "p")[kind]
     status, out, err = run_main(
         monkeypatch, capsys, "sample", "--checkpoint", class_run[1], "--n", 2, "--steps", 10,
@@ -2001,10 +2002,10 @@ def test_sample_with_a_palette_draws_every_opaque_pixel_from_it(
 def test_a_palette_applied_after_sampling_changes_colours_only(
     class_run, tmp_path, monkeypatch, capsys
 ):
-    """With the projection after sampling only (t_p beyond 1), a palette changes no alpha:
+    """By default (t_p = 1: the projection after sampling only), a palette changes no alpha:
     the sprites' alpha is bit for bit that of the same seed without a palette, and the
     colours are the palette's, where without it they are not."""
-    monkeypatch.setattr(sf, "PALETTE_T", 2.0)
+    assert sf.PALETTE_T == 1.0
     runs = {}
     for name, extra in (("plain", []), ("pal", ["--palette", palette_files(tmp_path)["hex"]])):
         status, _, err = run_main(
