@@ -587,6 +587,14 @@ def person_plan(d, kind):
     return p, L, detail_rolls(d, kind, L)
 
 
+def person_ramps(L):
+    """The colour ramps of a person's look L: skin, cloth, accent, leather, pants, boots,
+    metal, trim, hair. Every view of one character draws from these."""
+    return (ramp(L["skin"]), ramp(L["cloth"]), ramp(L["accent"]), ramp(L["leather"]),
+            ramp(L["pants"]), ramp(L["boots"]), ramp(METAL[L["metal"]]), ramp(METAL[L["trim"]]),
+            ramp(L["hair_col"]))
+
+
 def draw_person(cv, d, kind, facing="front"):
     """Draw a humanoid: every layer from back to front. facing "back" draws the back view
     as the front is laid out (the caller mirrors it); "side" faces the viewer's left with
@@ -595,11 +603,7 @@ def draw_person(cv, d, kind, facing="front"):
     if facing.startswith("side"):
         return draw_person_side(cv, p, L, R, kind, swap=facing == "side_far_left")
     back = facing == "back"
-    skin = ramp(L["skin"])
-    cloth, accent = ramp(L["cloth"]), ramp(L["accent"])
-    leather, pants, boots = ramp(L["leather"]), ramp(L["pants"]), ramp(L["boots"])
-    metal, trim = ramp(METAL[L["metal"]]), ramp(METAL[L["trim"]])
-    hair = ramp(L["hair_col"])
+    skin, cloth, accent, leather, pants, boots, metal, trim, hair = person_ramps(L)
     bony = kind == "skeleton"
     hip, sh, ht, hb, eye = p["hip"], p["sh"], p["ht"], p["hb"], p["eye"]
     hx0, hx1, tx0, tx1 = p["hx0"], p["hx1"], p["tx0"], p["tx1"]
@@ -894,11 +898,7 @@ def draw_person_side(cv, p, L, R, kind, swap=False):
     """A person in profile, facing the viewer's left: one eye, the near arm over a torso
     seen edge-on, the far hand's item behind the body. The character's left hand is near
     (its shield, say); swap=True draws the other hand near, for the mirrored right view."""
-    skin = ramp(L["skin"])
-    cloth, accent = ramp(L["cloth"]), ramp(L["accent"])
-    leather, pants, boots = ramp(L["leather"]), ramp(L["pants"]), ramp(L["boots"])
-    metal, trim = ramp(METAL[L["metal"]]), ramp(METAL[L["trim"]])
-    hair = ramp(L["hair_col"])
+    skin, cloth, accent, leather, pants, boots, metal, trim, hair = person_ramps(L)
     bony = kind == "skeleton"
     hip, sh, ht, hb, eye = p["hip"], p["sh"], p["ht"], p["hb"], p["eye"]
     hx0, hx1 = p["hx0"], p["hx1"]
