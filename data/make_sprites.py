@@ -587,6 +587,14 @@ def person_plan(d, kind):
     return p, L, detail_rolls(d, kind, L)
 
 
+def wizard_hat(cv, hx0, hx1, brim_y, tip, height, hat, band):
+    """A pointed hat over the head hx0..hx1: its cone leans to x = tip, a band, a brim."""
+    cv.paint(cv.poly([(hx0 + 0.5, brim_y), (hx1 - 0.5, brim_y),
+                      (tip + 0.5, brim_y - height), (tip - 0.5, brim_y - height)]), hat)
+    cv.paint(cv.rect(hx0 + 0.5, brim_y - 1, hx1 - 0.5, brim_y), band)
+    cv.paint(cv.rbox(hx0 - 2, brim_y, hx1 + 2, brim_y + 1.6, 6), hat, cast=True)
+
+
 def person_ramps(L):
     """The colour ramps of a person's look L: skin, cloth, accent, leather, pants, boots,
     metal, trim, hair. Every view of one character draws from these."""
@@ -806,11 +814,7 @@ def draw_person(cv, d, kind, facing="front"):
         hat, band = cloth, accent
         tip = CX + L["hat_tip"]
         brim_y = ht + 1
-        cv.paint(cv.poly([(hx0 + 0.5, brim_y), (hx1 - 0.5, brim_y),
-                          (tip + 0.5, brim_y - L["hat_h"]), (tip - 0.5, brim_y - L["hat_h"])]),
-                 hat)
-        cv.paint(cv.rect(hx0 + 0.5, brim_y - 1, hx1 - 0.5, brim_y), band)
-        cv.paint(cv.rbox(hx0 - 2, brim_y, hx1 + 2, brim_y + 1.6, 6), hat, cast=True)
+        wizard_hat(cv, hx0, hx1, brim_y, tip, L["hat_h"], hat, band)
     elif hg == "hood":
         hood_col = cloth if L["archetype"] != "noble" else ramp(L["cape_col"])
         outer = cv.rbox(hx0 - 1, ht - 1.5, hx1 + 1, hb + 1.5, 3)
@@ -1097,11 +1101,7 @@ def draw_side_headgear(cv, p, L, hair, ramps, span):
     if hg == "wizard":
         tip = CX + abs(L["hat_tip"]) + 1
         brim_y = ht + 1
-        cv.paint(cv.poly([(hx0 + 0.5, brim_y), (hx1 - 0.5, brim_y),
-                          (tip + 0.5, brim_y - L["hat_h"]), (tip - 0.5, brim_y - L["hat_h"])]),
-                 cloth)
-        cv.paint(cv.rect(hx0 + 0.5, brim_y - 1, hx1 - 0.5, brim_y), accent)
-        cv.paint(cv.rbox(hx0 - 2, brim_y, hx1 + 2, brim_y + 1.6, 6), cloth, cast=True)
+        wizard_hat(cv, hx0, hx1, brim_y, tip, L["hat_h"], cloth, accent)
     elif hg == "hood":
         hood_col = cloth if L["archetype"] != "noble" else cape
         outer = cv.rbox(hx0 - 1, ht - 1.5, hx1 + 1, hb + 1.5, 3)
