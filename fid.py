@@ -1114,8 +1114,9 @@ def sample_checkpoint(path, args, device):
         model, guide, ckpt = spriteflow.load_models(str(path), device)
     except spriteflow.UserError as e:
         raise FIDError(str(e).rstrip(".") + ".") from None
-    if model.views > 1:
-        raise FIDError(f"{path} draws characters of {model.views} views; sample it with "
+    views = getattr(model, "views", 1)
+    if views > 1:
+        raise FIDError(f"{path} draws characters of {views} views; sample it with "
                        "spriteflow.py and score the folder, or use fid.py views.")
     sampler = args.sampler or spriteflow.DEFAULT_SAMPLER
     steps = args.steps or spriteflow.DEFAULT_STEPS
