@@ -926,7 +926,8 @@ def nearest_sheet(samples, train, indices, pairs_per_row=8):
 #
 # "own" averages D over every pair of views (k, l) of the same character; "strangers"
 # averages D between view k of one character and view l of another (each character is
-# paired with the one before it, a fixed derangement). Views drawn for one character
+# paired with the one half the set further on: far apart in the folder's order, so not
+# another frame of the same sheet character). Views drawn for one character
 # should score near the data's own value, far below its strangers; views sampled
 # independently score like strangers. Only the colours are compared: a model that
 # draws the same front four times scores 0 on this measure, so look at the views too.
@@ -962,7 +963,7 @@ def view_consistency(characters, levels=VIEW_LEVELS):
         raise FIDError(f"The view consistency needs 2 or more characters of 2 or more views, "
                        f"got {n} of {v}.")
     hist = colour_histograms(chars.flatten(0, 1), levels).view(n, v, -1)  # (N, V, cells)
-    stranger = hist.roll(1, dims=0)  # character i's stranger: character i - 1
+    stranger = hist.roll(n // 2, dims=0)  # character i's stranger: character i - n/2
     pairs, own_sum = {}, torch.zeros(n, dtype=torch.float64)
     for k in range(v):
         for l in range(k + 1, v):
@@ -1114,8 +1115,9 @@ def sample_checkpoint(path, args, device):
         model, guide, ckpt = spriteflow.load_models(str(path), device)
     except spriteflow.UserError as e:
         raise FIDError(str(e).rstrip(".") + ".") from None
-    if model.views > 1:
-        raise FIDError(f"{path} draws characters of {model.views} views; sample it with "
+    views = getattr(model, "views", 1)
+    if views > 1:
+        raise FIDError(f"{path} draws characters of {views} views; sample it with "
                        "spriteflow.py and score the folder, or use fid.py views.")
     sampler = args.sampler or spriteflow.DEFAULT_SAMPLER
     steps = args.steps or spriteflow.DEFAULT_STEPS
