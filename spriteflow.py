@@ -899,9 +899,13 @@ def ema_update(ema, model, step, gamma):
     torch._foreach_lerp_(list(ema.parameters()), params, 1 - (1 - 1 / step) ** (gamma + 1))
 
 
-def lr_at(step, base_lr, warmup):
-    """Linear warm-up over `warmup` steps, then the constant base_lr."""
-    return base_lr * min(1.0, (step + 1) / warmup)
+def lr_at(step, base_lr, warmup, progress=0.0, cooldown=0.0):
+    """Linear warm-up over `warmup` steps, then the constant base_lr; over the last share
+    `cooldown` of the budget (progress 1 - cooldown -> 1) a linear fall to 0."""
+    lr = base_lr * min(1.0, (step + 1) / warmup)
+    if cooldown:
+        lr *= min(1.0, (1.0 - progress) / cooldown)
+    return lr
 
 
 # -----------------------------------------------------------------------------
@@ -1099,6 +1103,8 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
     amp = autocast(device, bf16)  # Part II: bf16 where it pays
     wants_guide = cfg.guide == "on" or (cfg.guide == "auto" and not data.classes)
     bad_in_row = 0  # non-finite gradients in a row
+    progress = run_progress(state.step, state.seconds, cfg)
+    cooling = lr_at(state.step, 1.0, 1, progress, cfg.cooldown) < 1  # resumed mid cool-down
     last = time.time()
     while True:
         now = time.time()
@@ -1109,9 +1115,14 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
             if progress >= 1:
                 return "done"
             return "interrupted" if stop.asked else "stopped"
+        lr = lr_at(state.step, cfg.lr, cfg.warmup, progress, cfg.cooldown)
+        if not cooling and lr_at(state.step, 1.0, 1, progress, cfg.cooldown) < 1:
+            cooling = True  # the state before the cool-down: where a longer budget resumes
+            if log is not None:
+                save_checkpoint(Path(cfg.run_dir) / "stable.pt",
+                                checkpoint_state(cfg, state, data, bf16))  # Part II
         state.model.train()
         z, c = draw_batch(data, cfg, state.gen)
-        lr = lr_at(state.step, cfg.lr, cfg.warmup)
         t, per_sample, grad_norm, finite = train_step(net, state.opt, z, c, cfg, state.gen, amp, lr)
         state.step += 1
         bad_in_row = 0 if finite else bad_in_row + 1
@@ -1126,7 +1137,7 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
             state.guide = copy.deepcopy(state.ema)  # the model as it was at this point
         if log is None:
             continue  # under torchrun, the first process keeps the books
-        log.add(t, per_sample, grad_norm)  # Part II: sums for the next CSV row
+        log.add(t, per_sample, grad_norm, lr)  # Part II: sums for the next CSV row
         validate = state.step % cfg.val_every == 0
         if validate or state.step % cfg.log_every == 0:
             log.stop_clock()  # images per second count training steps only
@@ -1598,6 +1609,9 @@ class TrainConfig:
     lr: float = option(1e-3, "AdamW learning rate after the warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup: int = option(200, "steps of linear LR warm-up")
+    cooldown: float = option(0.0, "share of the budget at its end over which the LR falls "
+                                  "linearly to 0; the state before it is kept as stable.pt, "
+                                  "where --resume with a larger budget continues")
     grad_clip: float = option(1.0, "clip the gradient norm to this")
     schedule: str = option("linear", "noise schedule (alpha_t, beta_t)", SCHEDULES)
     target: str = option("data", "what the network predicts: the clean sprite or the velocity",
@@ -1648,8 +1662,8 @@ def check_config(cfg):
             raise UserError(f"{flag} must be one of {allowed}, got {value!r}")
         if f.type in (int, float):
             check_number(flag, value, positive=f.name in POSITIVE)
-    if max(cfg.val_fraction, cfg.label_dropout) >= 1 or cfg.guide_fraction > 1:
-        raise UserError("--val-fraction and --label-dropout must be below 1, "
+    if max(cfg.val_fraction, cfg.label_dropout, cfg.cooldown) >= 1 or cfg.guide_fraction > 1:
+        raise UserError("--val-fraction, --label-dropout and --cooldown must be below 1, "
                         "--guide-fraction at most 1")
     if cfg.resume and not cfg.run_dir:
         raise UserError("--resume needs --run-dir to say which run to continue")
@@ -1927,10 +1941,28 @@ def resume_point(folder, cfg):
         if ckpt is not found[0] or saved[0].name != "last.pt":
             print(f"resuming from best.pt (step {ckpt['step']}), the newest complete "
                   "checkpoint", file=sys.stderr)
+        ckpt = before_cool_down(folder, cfg, ckpt)
         cfg = resumed_config(cfg, ckpt)
     if not (cfg.max_steps or cfg.max_minutes):  # neither budget: the default one
         cfg = dataclasses.replace(cfg, max_minutes=DEFAULT_MINUTES)
     return ckpt, cfg
+
+
+def before_cool_down(folder, cfg, ckpt):
+    """A new budget moves the cool-down, so a run resumed with one continues from
+    stable.pt, the state before the old budget's cool-down, when it got that far."""
+    old = ckpt["config"]
+    new_budget = (cfg.max_steps, cfg.max_minutes) != (old["max_steps"], old["max_minutes"])
+    given = cfg.max_steps or cfg.max_minutes
+    path = folder / "stable.pt"
+    if not (given and new_budget and old.get("cooldown") and path.exists()):
+        return ckpt
+    stable = read_checkpoint(path)
+    if stable["step"] >= ckpt["step"]:
+        return ckpt
+    print(f"resuming from stable.pt (step {stable['step']}), the state before the cool-down "
+          "of the old budget", file=sys.stderr)
+    return stable
 
 
 def resumed_config(cfg, ckpt):
@@ -2094,13 +2126,15 @@ class TrainingLog:
             raise UserError(f"cannot write to the run folder '{folder}': {e.strerror or e}")
         self.sums = torch.zeros(2 * T_BUCKETS + 2, device=data.train_x.device)
         self.steps, self.clock, self.elapsed = 0, time.time(), None
+        self.lr = lr_at(max(state.step - 1, 0), cfg.lr, cfg.warmup)  # until a step is taken
         self.start_step, self.started = state.step, time.time()
         self.saved_at = state.step if cfg.resume else None  # the newest checkpoint's step
         self.n_train = max(len(data.train_x) * world, 1)
         print(start_line(folder, cfg, data, state, world, bf16, bf16_why), file=sys.stderr)
 
-    def add(self, t, per_sample, grad_norm):
+    def add(self, t, per_sample, grad_norm, lr):
         """Running sums, kept on the device until a row: per-fifth losses, loss, grad norm."""
+        self.lr = lr  # the last step's
         bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
         self.sums[:T_BUCKETS].index_add_(0, bucket, per_sample.float())
         self.sums[T_BUCKETS:2 * T_BUCKETS].index_add_(0, bucket, torch.ones_like(t))
@@ -2164,8 +2198,7 @@ class TrainingLog:
         """The last row with validation and checkpoint, then the run's last words."""
         if self.saved_at != state.step:  # the steps since the last checkpoint are saved too
             self.stop_clock()
-            lr = lr_at(max(state.step - 1, 0), self.cfg.lr, self.cfg.warmup)  # the last step's
-            self.row(state, lr, validate_and_save(self.cfg, state, data, self.bf16, lr))
+            self.row(state, self.lr, validate_and_save(self.cfg, state, data, self.bf16, self.lr))
         self.file.close()
         skipped = f"; {state.skipped} steps skipped, loss not finite" if state.skipped else ""
         print(f"\n{reason} at step {state.step} after {state.seconds / 60:.1f} min; checkpoints "

@@ -708,6 +708,45 @@ def test_a_longer_budget_on_resume_continues_the_same_lr_schedule(tmp_path):
     assert lrs[:3] == [5e-4, 7.5e-4, 1e-3] and set(lrs[2:]) == {1e-3}  # warm-up, then constant
 
 
+def test_a_cooled_run_extends_from_its_state_before_the_cool_down(tmp_path):
+    """With --cooldown 0.5 the LR of a 6-step run falls linearly from progress 0.5 to 0 at
+    progress 1 (steps 4 and 5, counted from 0, at 2/3 and 1/3 of it), and the state before
+    step 4, the first lowered step, is kept as stable.pt. Resumed with --max-steps 12 the run
+    continues from stable.pt, not from its cooled last.pt, and ends bit for bit where a
+    straight 12-step run ends: extension stays exact with a cool-down too."""
+    data = write_sprites(tmp_path / "d", 6)
+    cfg = dict(warmup=2, guide="off", cooldown=0.5)
+    straight = sf.train(tiny_config(data, tmp_path / "a", max_steps=12, **cfg))
+    first = sf.train(tiny_config(data, tmp_path / "b", max_steps=6, **cfg))
+    assert torch.load(first / "stable.pt", weights_only=True)["step"] == 4
+    rows = list(csv.DictReader(open(first / "training_log.csv")))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3 / 3], rel=1e-3)
+    resumed = sf.train(tiny_config(data, tmp_path / "b", resume=True, max_steps=12))
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    assert_same_training_state(a, b)
+    assert torch.load(resumed / "stable.pt", weights_only=True)["step"] == 7
+    rows = list(csv.DictReader(open(resumed / "training_log.csv")))
+    lrs = [float(r["lr"]) for r in rows]
+    expected = [sf.lr_at(int(r["step"]) - 1, 1e-3, 2, (int(r["step"]) - 1) / 12, 0.5)
+                for r in rows]
+    assert lrs == pytest.approx(expected, rel=1e-3) and lrs[-1] == pytest.approx(1e-3 / 6, rel=1e-3)
+
+
+@given(st.floats(0.01, 0.99), st.floats(0, 1))
+def test_the_cool_down_falls_linearly_to_zero_at_the_end_of_the_budget(f, progress):
+    """lr = base * min(1, (1 - progress) / f): the full LR until progress 1 - f, then a
+    straight line to 0 at progress 1, never above the base LR."""
+    lr = sf.lr_at(10**6, 1.0, 1, progress, f)
+    assert 0 <= lr <= 1
+    if progress <= 1 - f:
+        assert lr == 1
+    else:
+        assert lr == pytest.approx((1 - progress) / f)
+    assert sf.lr_at(10**6, 1.0, 1, 1.0, f) == 0
+
+
 def test_progress_eta_uses_this_sessions_pace_and_the_time_limit():
     """A resumed run at step 1,100 that took 60 s for its own 100 steps (0.01 min/step) has
     900 steps, 9 minutes, left, not the 0.8 minutes that dividing by all 1,100 steps would
