@@ -2216,9 +2216,10 @@ def start_line(folder, cfg, data, state, world, bf16, why):
     device = f"{data.train_x.device}{' x' + str(world) if world > 1 else ''}"
     n_train = sum(data.class_counts) if data.classes else len(data.train_x) * world
     what = "sprites" if cfg.views == 1 else f"characters of {cfg.views} views"
+    cool = f", LR cooling down over the last {cfg.cooldown:.0%}" if cfg.cooldown else ""
     return (f"{data.n_files} {what} ({n_train} train, {len(data.val_x)} val) from {data.path}"
             f"{classes}; pixel grid {data.grid}; {params:.1f}M parameters; device {device}; "
-            f"bf16 {'on' if bf16 else 'off'} ({why}); budget {budget_text(cfg)}; "
+            f"bf16 {'on' if bf16 else 'off'} ({why}); budget {budget_text(cfg)}{cool}; "
             f"run folder {folder}")
 
 
