@@ -734,6 +734,20 @@ def test_a_cooled_run_extends_from_its_state_before_the_cool_down(tmp_path):
     assert lrs == pytest.approx(expected, rel=1e-3) and lrs[-1] == pytest.approx(1e-3 / 6, rel=1e-3)
 
 
+def test_a_run_stopped_in_its_cool_down_resumes_where_it_stopped(tmp_path):
+    """Stopped at step 5, inside the cool-down, and resumed with the same budget, a run goes
+    on from last.pt (not from stable.pt) and ends bit for bit like the uninterrupted run."""
+    data = write_sprites(tmp_path / "d", 6)
+    cfg = dict(warmup=2, guide="off", cooldown=0.5)
+    straight = sf.train(tiny_config(data, tmp_path / "a", **cfg))
+    sf.train(tiny_config(data, tmp_path / "b", **cfg), stop_after=5)
+    resumed = sf.train(tiny_config(data, tmp_path / "b", resume=True))
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    assert_same_training_state(a, b)
+
+
 @given(st.floats(0.01, 0.99), st.floats(0, 1))
 def test_the_cool_down_falls_linearly_to_zero_at_the_end_of_the_budget(f, progress):
     """lr = base * min(1, (1 - progress) / f): the full LR until progress 1 - f, then a
