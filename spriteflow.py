@@ -1103,8 +1103,7 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
     amp = autocast(device, bf16)  # Part II: bf16 where it pays
     wants_guide = cfg.guide == "on" or (cfg.guide == "auto" and not data.classes)
     bad_in_row = 0  # non-finite gradients in a row
-    progress = run_progress(state.step, state.seconds, cfg)
-    cooling = lr_at(state.step, 1.0, 1, progress, cfg.cooldown) < 1  # resumed mid cool-down
+    cooling = run_progress(state.step, state.seconds, cfg) > 1 - cfg.cooldown  # resumed in it
     last = time.time()
     while True:
         now = time.time()
@@ -1116,11 +1115,10 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
                 return "done"
             return "interrupted" if stop.asked else "stopped"
         lr = lr_at(state.step, cfg.lr, cfg.warmup, progress, cfg.cooldown)
-        if not cooling and lr_at(state.step, 1.0, 1, progress, cfg.cooldown) < 1:
+        if not cooling and lr < lr_at(state.step, cfg.lr, cfg.warmup):
             cooling = True  # the state before the cool-down: where a longer budget resumes
             if log is not None:
-                save_checkpoint(Path(cfg.run_dir) / "stable.pt",
-                                checkpoint_state(cfg, state, data, bf16))  # Part II
+                log.keep_stable(state, data)  # Part II: stable.pt
         state.model.train()
         z, c = draw_batch(data, cfg, state.gen)
         t, per_sample, grad_norm, finite = train_step(net, state.opt, z, c, cfg, state.gen, amp, lr)
@@ -2141,6 +2139,12 @@ class TrainingLog:
         self.sums[-2] += per_sample.float().mean()
         self.sums[-1] += grad_norm.float()
         self.steps += 1
+
+    def keep_stable(self, state, data):
+        """stable.pt: the state before the cool-down, where --resume with a larger budget
+        continues (resume_point)."""
+        ckpt = checkpoint_state(self.cfg, state, data, self.bf16)
+        save_checkpoint(self.folder / "stable.pt", ckpt)
 
     def stop_clock(self):
         """The training time of the steps since the last row (validation is not counted)."""
