@@ -877,9 +877,21 @@ def generate(model, noise, labels=None, guidance=1.0, guide=None, solver=None, g
 # of the budget, to let the weights settle out of the jitter that a constant LR
 # keeps them in. Here the power EMA already averages that jitter away, and the
 # extra steps at a high LR pay: at equal steps, a constant LR matched or beat a
-# cosine to the budget (lab record, "Learning-rate schedule"). And a constant
+# cosine to the budget (lab record, "EMA and learning rate"). And a constant
 # LR makes every run extendable: --resume with a larger budget continues the
 # very same schedule, so a 30-minute run becomes a 60-minute run seamlessly.
+#
+# Cool-down (warmup-stable-decay). --cooldown f ends the budget with a linear
+# fall of the LR to 0 over its last share f:
+#
+#     lr = base_lr * min(1, (1 - progress) / f),   progress = share of the budget
+#
+# The average and the cool-down attack the same jitter differently: the EMA
+# mixes weights from the last tenth or so of the run, each a little behind the
+# newest, so it lags; a falling LR shrinks the jitter itself at the end, with
+# no lag. The state before the fall is kept as stable.pt, so a larger budget
+# resumes from there and still equals a straight run of that budget.
+# Whether it pays on real art is measured in the lab record ("Cool-down").
 # -----------------------------------------------------------------------------
 
 EMA_LENGTH = 0.10  # sigma_rel of the one power EMA we keep
