@@ -689,13 +689,14 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 
 
 def test_a_longer_budget_on_resume_continues_the_same_lr_schedule(tmp_path):
-    """A 6-step run resumed with --max-steps 12 ends bit for bit where a straight 12-step run
-    ends (weights, EMA, AdamW moments): the LR depends on the step alone, never on the budget,
-    so extending a run changes nothing that came before. (The autoguidance snapshot is
-    taken at a share of the budget, so it is switched off here.)"""
+    """Without a cool-down (--cooldown 0), a 6-step run resumed with --max-steps 12 ends bit for
+    bit where a straight 12-step run ends (weights, EMA, AdamW moments): the LR depends on the
+    step alone, never on the budget, so extending a run changes nothing that came before. (The
+    autoguidance snapshot is taken at a share of the budget, so it is switched off here.)"""
     data = write_sprites(tmp_path / "d", 6)
-    straight = sf.train(tiny_config(data, tmp_path / "a", max_steps=12, warmup=4, guide="off"))
-    sf.train(tiny_config(data, tmp_path / "b", max_steps=6, warmup=4, guide="off"))
+    cfg = dict(warmup=4, guide="off", cooldown=0)
+    straight = sf.train(tiny_config(data, tmp_path / "a", max_steps=12, **cfg))
+    sf.train(tiny_config(data, tmp_path / "b", max_steps=6, **cfg))
     resumed = sf.train(tiny_config(data, tmp_path / "b", resume=True, max_steps=12))
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(resumed / "last.pt", weights_only=True)
@@ -1484,12 +1485,12 @@ def test_sample_keeps_the_runs_precision_without_timing_anything(
 
 
 def test_a_time_budget_is_counted_across_resumes_at_a_constant_lr(tmp_path):
-    """With --max-minutes the run stops when the time is spent, at the full LR (it does not
-    anneal); the checkpoint keeps the training time, so a resumed run finds its budget
-    already spent and takes no step."""
+    """With --max-minutes and no cool-down the run stops when the time is spent, at the full
+    LR; the checkpoint keeps the training time, so a resumed run finds its budget already
+    spent and takes no step."""
     data = write_sprites(tmp_path / "d", 4)
     run = sf.train(tiny_config(data, tmp_path / "r", max_steps=0, max_minutes=0.02, log_every=1,
-                             val_every=1000, lr=1e-3, warmup=1))  # full LR from step 1
+                             val_every=1000, lr=1e-3, warmup=1, cooldown=0))  # full LR throughout
     rows = list(csv.DictReader(open(run / "training_log.csv")))
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert (
@@ -1515,10 +1516,12 @@ def test_the_last_step_is_saved_even_between_validations(tmp_path):
 
 def test_a_larger_time_budget_on_resume_extends_the_run_at_the_same_lr(tmp_path):
     """`--resume --max-minutes` with a larger budget continues a finished run: more steps, the
-    training time summed over both sessions, and every step at the same constant LR (a
-    one-step warm-up), across the seam too: so a 30-minute run becomes a 60-minute one."""
+    training time summed over both sessions, and, without a cool-down, every step at the same
+    constant LR (a one-step warm-up), across the seam too: a 30-minute run becomes a 60-minute
+    one."""
     data = write_sprites(tmp_path / "d", 4)
-    cfg = dict(max_steps=0, log_every=1, val_every=1000, lr=1e-3, warmup=1, guide="off")
+    cfg = dict(max_steps=0, log_every=1, val_every=1000, lr=1e-3, warmup=1, guide="off",
+               cooldown=0)
     run = sf.train(tiny_config(data, tmp_path / "r", max_minutes=0.01, **cfg))
     first = torch.load(run / "last.pt", weights_only=True)
     longer = (first["seconds"] + 2) / 60  # two more seconds, however long the first part took
