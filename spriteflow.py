@@ -889,7 +889,7 @@ def generate(model, noise, labels=None, guidance=1.0, guide=None, solver=None, g
 # mixes weights from the last tenth or so of the run, each a little behind the
 # newest, so it lags; a falling LR shrinks the jitter itself, with no lag. With
 # f = 0.2 both real sets came closer to the data at every seed measured (RFD
-# 7-10% lower; lab record, "Cool-down"), so it is the default. The state before
+# 7-18% lower; lab record, "Cool-down"), so it is the default. The state before
 # the fall is kept as stable.pt: --resume with a larger budget continues from
 # there, so a 30-minute run still becomes exactly the 60-minute run.
 # -----------------------------------------------------------------------------
