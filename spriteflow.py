@@ -1115,7 +1115,7 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
     amp = autocast(device, bf16)  # Part II: bf16 where it pays
     wants_guide = cfg.guide == "on" or (cfg.guide == "auto" and not data.classes)
     bad_in_row = 0  # non-finite gradients in a row
-    cooling = run_progress(state.step, state.seconds, cfg) > 1 - cfg.cooldown  # resumed in it
+    cooling = cooling_down(state.step, run_progress(state.step, state.seconds, cfg), cfg)
     last = time.time()
     while True:
         now = time.time()
@@ -1127,7 +1127,7 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
                 return "done"
             return "interrupted" if stop.asked else "stopped"
         lr = lr_at(state.step, cfg.lr, cfg.warmup, progress, cfg.cooldown)
-        if not cooling and lr < lr_at(state.step, cfg.lr, cfg.warmup):
+        if not cooling and cooling_down(state.step, progress, cfg):
             cooling = True  # the state before the cool-down: where a longer budget resumes
             if log is not None:
                 log.keep_stable(state, data)  # Part II: stable.pt
@@ -1155,6 +1155,11 @@ def training_loop(cfg, state, data, net, bf16, log, stop, stop_after=None):
             log.row(state, lr, val)  # Part II: CSV row, progress line, training_log.png
         if state.step % cfg.sample_every == 0:
             log.sample_grid(state.ema, data, state.step)  # Part II: samples/step_NNNNNNN.png
+
+
+def cooling_down(step, progress, cfg):
+    """Whether the step at this share of the budget runs below the constant LR."""
+    return lr_at(step, cfg.lr, cfg.warmup, progress, cfg.cooldown) < lr_at(step, cfg.lr, cfg.warmup)
 
 
 def validate_and_save(cfg, state, data, bf16, lr):
