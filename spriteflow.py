@@ -1543,6 +1543,7 @@ class TrainingData:
     fingerprint: str  # a hash of the file list: --resume refuses other files
     n_files: int
     palette: torch.Tensor  # (K, 3) uint8: the training sprites' colours, or K of them
+    group_centres: torch.Tensor = None  # (C, D) thumbnails of the groups standing for classes
 
 
 def load_training_data(cfg, ckpt, rank, world, device):
@@ -1555,17 +1556,21 @@ def load_training_data(cfg, ckpt, rank, world, device):
     if ckpt and ckpt.get("fingerprint", fingerprint) != fingerprint and not cfg.allow_new_data:
         raise UserError(f"the files in '{path}' changed since this run started; add "
                         "--allow-new-data to go on with them")
-    if ckpt and classes != ckpt["classes"]:
-        raise UserError(f"this run has the classes [{', '.join(ckpt['classes'])}] but the data "
-                        f"has [{', '.join(classes)}]")
     if ckpt:
         grid = ckpt["grid"]
     else:
         grid = detect_grid(x, names) if cfg.grid == "auto" else int(cfg.grid)
     train_idx, val_idx = split_train_val(names, cfg.val_fraction, y)
+    centres = None
+    if not classes and cfg.groups:  # a flat folder: its own groups stand in for classes
+        centres = ckpt.get("group_centres") if ckpt else None
+        y, classes, centres = data_groups(x, train_idx, cfg.groups, centres)
+    if ckpt and classes != ckpt["classes"]:
+        raise UserError(f"this run has the classes [{', '.join(ckpt['classes'])}] but the data "
+                        f"has [{', '.join(classes)}]")
     counts = [int((y[train_idx] == k).sum()) for k in range(len(classes))]
     thin = [f"{c} ({n})" for c, n in zip(classes, counts) if n < FEW_SPRITES]
-    if thin and rank == 0:
+    if thin and rank == 0 and centres is None:
         warnings.warn(f"few training sprites in class {', '.join(thin)}: sample --class for it "
                       "will mostly show the other classes")
     shard = train_idx[rank::world]
@@ -1574,7 +1579,34 @@ def load_training_data(cfg, ckpt, rank, world, device):
         palette = data_palette(split_views(x[train_idx]), grid)  # every view's colours
     return TrainingData(x[shard].to(device), None if y is None else y[shard].to(device),
                         x[val_idx][:512], None if y is None else y[val_idx][:512], classes,
-                        counts, grid, path, fingerprint, len(names), palette)
+                        counts, grid, path, fingerprint, len(names), palette, centres)
+
+
+def thumbnails(x_uint8, size=8):
+    """Examples uint8 (N, 4V, 128, 128) -> (N, 4V size^2): each view's colour, premultiplied
+    by alpha, and its alpha, averaged over size x size cells: where the colours are."""
+    parts = []
+    for chunk in x_uint8.split(256):  # a float copy of every sprite at once would be large
+        views = chunk.float().unflatten(1, (-1, 4)) / 255  # (n, V, 4, 128, 128)
+        rgba = torch.cat([views[:, :, :3] * views[:, :, 3:], views[:, :, 3:]], 2)
+        parts.append(F.adaptive_avg_pool2d(rgba.flatten(1, 2), size).flatten(1))
+    return torch.cat(parts)
+
+
+def data_groups(x_uint8, train_idx, k, centres=None):
+    """Labels (N,), names and centres (C, D) of the data's own groups (section 5): k-means
+    on the training examples' thumbnails, empty groups dropped, the largest first; each
+    example goes to its nearest centre. Given centres (a resumed run) are kept."""
+    features = thumbnails(x_uint8)  # (N, D)
+    if centres is None:
+        centres = kmeans(features[train_idx], torch.ones(len(train_idx)), k)
+        sizes = torch.bincount(torch.cdist(features[train_idx], centres).argmin(1),
+                               minlength=len(centres))
+        order = sizes.argsort(descending=True, stable=True)
+        centres = centres[order[sizes[order] > 0]]
+    y = torch.cdist(features, centres).argmin(1)  # (N,)
+    names = [f"group{i + 1}" for i in range(len(centres))]
+    return y, names, centres
 
 
 # -----------------------------------------------------------------------------
@@ -1639,6 +1671,8 @@ class TrainConfig:
     flip: bool = option(True, "random horizontal flips")
     labels: bool = option(True, "classes from subfolders; --no-labels trains one model for all")
     label_dropout: float = option(0.1, "share of steps without the class (for guidance)")
+    groups: int = option(0, "for data without classes: train with this many groups of "
+                            "similar sprites as classes, so that sample can guide; 0 = off")
     guide: str = option("auto", "keep an early EMA snapshot for sample --guidance with no "
                                 "classes (auto: when there are no classes)", ("auto", "on", "off"))
     guide_fraction: float = option(0.125, "share of the budget after which the guide is taken")
@@ -1990,7 +2024,8 @@ def resumed_config(cfg, ckpt):
     budget = {}
     if cfg.max_steps or cfg.max_minutes:
         budget = {"max_steps": cfg.max_steps, "max_minutes": cfg.max_minutes}
-    return dataclasses.replace(TrainConfig(**ckpt["config"]), resume=True, run_dir=cfg.run_dir,
+    recipe = {"groups": 0, **ckpt["config"]}  # older runs had no groups
+    return dataclasses.replace(TrainConfig(**recipe), resume=True, run_dir=cfg.run_dir,
                                data=cfg.data or ckpt.get("data", ""),
                                allow_new_data=cfg.allow_new_data, bf16=cfg.bf16, **budget)
 
@@ -2004,7 +2039,8 @@ def checkpoint_state(cfg, state, data, bf16):
             "rng": state.gen.get_state().cpu(), "config": dataclasses.asdict(cfg),
             "unshuffle": state.model.stem[0].downscale_factor, "classes": data.classes,
             "class_counts": data.class_counts, "grid": data.grid, "bf16": bf16,
-            "data": data.path, "fingerprint": data.fingerprint, "palette": data.palette}
+            "data": data.path, "fingerprint": data.fingerprint, "palette": data.palette,
+            "group_centres": data.group_centres}
     if state.guide is not None:
         ckpt["guide"] = state.guide.state_dict()
     return ckpt
@@ -2706,12 +2742,14 @@ def default_guidance(conditional):
     return CFG_GUIDANCE if conditional else 1.0
 
 
-def guidance_text(w, labels, guide):
+def guidance_text(w, labels, guide, ckpt):
     """What guided the sprites, for the summary line."""
     if w == 1:
         return "guidance 1 (none)"
     if labels is not None:
-        return f"guidance {w:g} (classifier-free)"
+        groups = ckpt.get("group_centres") is not None  # train --groups
+        kind = "the data's own groups" if groups else "classifier-free"
+        return f"guidance {w:g} ({kind})"
     return f"guidance {w:g} (autoguidance)" if guide is not None else f"guidance {w:g} (no effect)"
 
 
@@ -2752,10 +2790,10 @@ def cmd_sample(args, model, guide, ckpt, device, out):
         write_trajectory(model, noise, labels, w, guide, solver, bf16, out)
         written += ", trajectory.gif, trajectory.png"
     drawn = f"{len(sprites)} sprites" if views == 1 else f"{args.n} characters of {views} views"
+    guided = guidance_text(w, labels, guide, ckpt)
     return (f"wrote {drawn}, {written} ({args.sampler}, {args.steps} steps = "
-            f"{solver.calls()} network calls per sprite, {guidance_text(w, labels, guide)}, grid "
-            f"{grid}{palette_text}, bf16 {'on' if bf16 else 'off'} ({why}), "
-            f"{time.time() - start:.1f} s)")
+            f"{solver.calls()} network calls per sprite, {guided}, grid {grid}{palette_text}, "
+            f"bf16 {'on' if bf16 else 'off'} ({why}), {time.time() - start:.1f} s)")
 
 
 def read_sprite(path, device, what="sprite"):
@@ -2789,8 +2827,9 @@ def cmd_edit(args, model, steering, ckpt, device, out):
     if labels is not None:
         names = ["original"] + [ckpt["classes"][k] for k in labels]
     write_sprites(out, torch.cat([to_uint8(y[:1]), edited]), names)
+    guided = guidance_text(w, labels, guide, ckpt)
     return (f"wrote the sprite (sprite_000.png) and {args.n} variations repainted under "
-            f"{args.mask}, grid.png, sheet.png, sheet.json ({guidance_text(w, labels, guide)})")
+            f"{args.mask}, grid.png, sheet.png, sheet.json ({guided})")
 
 
 def cmd_views_from(args, model, steering, ckpt, device, out):
@@ -2819,7 +2858,7 @@ def cmd_views_from(args, model, steering, ckpt, device, out):
     write_sprites(out, sprites, names, views=views)
     return (f"wrote {args.n} characters of {views} views, view {k} from {args.views_from} and "
             f"the other {views - 1} drawn, grid.png, sheet.png, sheet.json "
-            f"({guidance_text(w, labels, guide)})")
+            f"({guidance_text(w, labels, guide, ckpt)})")
 
 
 def cmd_invert(args, model, ckpt, device, out):

@@ -1265,6 +1265,44 @@ def test_a_flat_folder_samples_unguided_by_default_though_it_keeps_a_guide(
     assert "guidance 2 (autoguidance)" in said["w2"]
 
 
+def test_the_datas_own_groups_are_nearest_centre_clusters_largest_first():
+    """data_groups: k-means on thumbnails of where each colour sits. Five red and three
+    blue sprites make two groups, the larger first; every sprite is labelled with its
+    nearest centre, the same data gives the same groups, and given centres are kept."""
+    x = torch.zeros(8, 4, 128, 128, dtype=torch.uint8)
+    x[:, 3, 32:96, 32:96] = 255
+    x[:5, 0, 32:96, 32:96] = 200  # red
+    x[5:, 2, 32:96, 32:96] = 200  # blue
+    x[::2, :, 32:40] = 0  # a little variety within each kind
+    y, names, centres = sf.data_groups(x, torch.arange(8), 2)
+    assert names == ["group1", "group2"] and y.tolist() == [0] * 5 + [1] * 3
+    features = sf.thumbnails(x)
+    assert torch.equal(y, torch.cdist(features, centres).argmin(1))
+    again = sf.data_groups(x, torch.arange(8), 2)
+    assert torch.equal(again[0], y) and torch.equal(again[2], centres)
+    kept = sf.data_groups(x.flip(0), torch.arange(8), 2, centres)
+    assert kept[0].tolist() == [1] * 3 + [0] * 5 and torch.equal(kept[2], centres)
+
+
+def test_a_flat_folder_with_groups_trains_on_them_and_samples_guided(
+    tmp_path, monkeypatch, capsys
+):
+    """train --groups C on a folder without classes: the groups become its classes (kept
+    with their centres in the checkpoint, so a resumed run labels the data alike), and
+    sample guides with them by default."""
+    data = write_sprites(tmp_path / "flat", 6)
+    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=2, groups=2))
+    model, guide, ckpt = sf.load_models(run / "last.pt")
+    assert ckpt["classes"] == ["group1", "group2"] and model.n_classes == 2 and guide is None
+    assert ckpt["group_centres"].shape == (2, 4 * 64)
+    sf.train(tiny_config(data, tmp_path / "r", max_steps=4, resume=True))
+    assert sf.load_models(run / "last.pt")[2]["step"] == 4
+    status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", run / "last.pt",
+                                "--n", 2, "--steps", 2, "--out", tmp_path / "s")
+    assert status == 0, err
+    assert "guidance 2 (the data's own groups)" in out + err
+
+
 def test_sample_by_class_writes_rows_and_a_sheet_that_slices_back(class_run):
     """`sample --class` draws the named classes, one grid row each; sheet.png cut at the
     frames of sheet.json gives back exactly the sprite files, with their classes. An unknown
