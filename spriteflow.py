@@ -936,6 +936,14 @@ def lr_at(step, base_lr, warmup, progress=0.0, cooldown=0.0):
 # path would dominate the gradient. Training caps w at weight_cap, so the
 # middle of the path, where colours are decided, learns much faster.
 #
+# Characters (views V > 1) are also taught the conditional that --views-from
+# asks for (section 8): for half of them one view k, drawn at random, is shown
+# clean, x_t[k] = z[k], and left out of the loss. The joint model alone knows
+# p(views) and can only be steered towards a given view through its guesses; a
+# network that has seen given views learns p(other views | view k) directly.
+# It needs no flag: at t < 1 every other view carries noise, so a view without
+# any says by itself that it is given.
+#
 # The loop is the textbook one: draw a batch, take an AdamW step, update the
 # EMA, and every val_every steps measure the validation loss (the uncapped
 # loss of the EMA on held-out sprites, at fixed seeds for t and eps, so that it
@@ -952,6 +960,7 @@ def lr_at(step, base_lr, warmup, progress=0.0, cooldown=0.0):
 # -----------------------------------------------------------------------------
 
 MAX_BAD_STEPS = 5  # non-finite gradients in a row that end a run
+SHOWN_VIEW_P = 0.5  # share of training characters that show one view clean (views only)
 
 
 def sample_t(n, shift, generator, device):
@@ -965,18 +974,38 @@ def drop_labels(c, p, n_classes, generator):
     return torch.where(dropped, n_classes, c)
 
 
-def flow_matching_loss(model, z, t, eps, c, target, sched, weight_cap=None):
+def flow_matching_loss(model, z, t, eps, c, cfg, shown=None):
     """Per-sample loss (B,): || u_theta(x_t, t, c) - u_t(x_t | z) ||^2, averaged over pixels.
-    For x-prediction this is w(t) || z_hat - z ||^2, w capped at `weight_cap` when given
-    (training; validation leaves it uncapped). `model` may be a DDP wrapper, so it is called."""
-    x_t = sample_path(z, t, eps, sched)
+    For x-prediction this is w(t) || z_hat - z ||^2, w capped at cfg.weight_cap (0 = no cap:
+    validation). `shown` (B, 4V, 1, 1) marks views given clean, left out of the loss (below).
+    `model` may be a DDP wrapper, so it is called."""
+    x_t = sample_path(z, t, eps, cfg.schedule)
+    drawn = torch.ones_like(z[:, :, :1, :1])  # (B, 4V, 1, 1): the channels that are drawn
+    if shown is not None:
+        x_t = shown * z + (1 - shown) * x_t
+        drawn = 1 - shown
     out = model(x_t, t, c).float()
-    if target == "velocity":
-        return (out - conditional_vector_field(z, t, eps, sched)).pow(2).flatten(1).mean(1)
-    w = data_coefficients(t, sched, t)[0] ** 2  # (B,): u(z_hat) - u(z) = a (z_hat - z)
-    if weight_cap:
-        w = w.clamp(max=weight_cap)
-    return w * (out - z).pow(2).flatten(1).mean(1)
+    if cfg.target == "velocity":
+        target = conditional_vector_field(z, t, eps, cfg.schedule)
+        return mean_over(drawn, (out - target).pow(2))
+    w = data_coefficients(t, cfg.schedule, t)[0] ** 2  # (B,): u(z_hat) - u(z) = a (z_hat - z)
+    if cfg.weight_cap:
+        w = w.clamp(max=cfg.weight_cap)
+    return w * mean_over(drawn, (out - z).pow(2))
+
+
+def mean_over(drawn, err):
+    """The mean of err (B, C, H, W) over the channels where drawn (B, C, 1, 1) is 1: (B,)."""
+    return (err * drawn).flatten(1).sum(1) / (drawn.flatten(1).sum(1) * err[0, 0].numel())
+
+
+def shown_views(n, views, p, gen, device):
+    """(n, 4V, 1, 1): 1 on the 4 channels of one view, drawn at random, for a share p of
+    the n characters; 0 elsewhere. Those views are shown to the network clean."""
+    k = torch.randint(views, (n,), generator=gen, device=device)
+    shown = torch.rand(n, generator=gen, device=device) < p
+    one_hot = F.one_hot(k, views) * shown[:, None]  # (n, V)
+    return one_hot.repeat_interleave(4, 1).float()[:, :, None, None]
 
 
 @dataclasses.dataclass
@@ -1050,8 +1079,11 @@ def train_step(net, opt, z, c, cfg, gen, amp, lr):
     eps = torch.randn(z.shape, generator=gen, device=z.device)  # (B, 4V, 128, 128)
     for group in opt.param_groups:
         group["lr"] = lr
+    shown = None
+    if cfg.views > 1:  # a share of the characters shows one view clean (section 7)
+        shown = shown_views(len(z), cfg.views, SHOWN_VIEW_P, gen, z.device)
     with amp:
-        per_sample = flow_matching_loss(net, z, t, eps, c, cfg.target, cfg.schedule, cfg.weight_cap)
+        per_sample = flow_matching_loss(net, z, t, eps, c, cfg, shown)
     opt.zero_grad(set_to_none=True)
     per_sample.mean().backward()
     params = opt.param_groups[0]["params"]
@@ -1075,7 +1107,7 @@ def validation_loss(model, data, cfg, bf16, batch_size=64):
         eps = torch.randn(z.shape, generator=gen).to(device)
         c = None if data.val_y is None else data.val_y[i:i + batch_size].to(device)
         with autocast(device, bf16):
-            loss = flow_matching_loss(model, z, t, eps, c, cfg.target, cfg.schedule)
+            loss = flow_matching_loss(model, z, t, eps, c, dataclasses.replace(cfg, weight_cap=0))
         total += loss.sum().item()
     return total / len(data.val_x)
 
@@ -1212,6 +1244,10 @@ def validate_and_save(cfg, state, data, bf16, lr):
 # are drawn towards a character whose view k is y. Sampling the missing views
 # independently, or from a model of single sprites, could only match y's
 # marginal statistics; the joint model makes them the same character.
+# Holding the guess alone was not enough: the network sees view k in x_t only
+# through noise, and through t = 0.1-0.6, where colours are decided, mostly
+# noise, so it drew the other views as it pleased (lab record). A views model is
+# trained with one view shown clean (section 7), so x_t shows it y itself.
 #
 # How exact is the round trip? Heun has a global error O(h^2) each way, so
 # sprite -> noise -> sprite lands close but not on the sprite, and the error
@@ -1247,12 +1283,15 @@ def view_mask(views, k):
 
 
 @torch.no_grad()
-def inpaint(clean, sched, y, m, x, solver):
+def inpaint(clean, sched, y, m, x, solver, shown=False):
     """Repaint the sprite y (B, 4V, H, W) where the mask m is 1, from the noise x, by
-    overwriting the known part of every guess z_hat with y (above). m broadcasts against y:
+    overwriting the known part of every guess z_hat with y (above); with `shown`, x_t's
+    known part is y too, as a views model was trained. m broadcasts against y:
     (B, 1, H, W) marks pixels, view_mask(V, k) whole views."""
 
     def held(x_t, t):  # the guess, its known part replaced by y
+        if shown:
+            x_t = m * x_t + (1 - m) * y
         return m * clean(x_t, t) + (1 - m) * y
 
     return integrate(held, x, solver, sched)
@@ -2849,7 +2888,7 @@ def cmd_views_from(args, model, steering, ckpt, device, out):
     x = gaussian_noise(args.n, args.seed, views).to(device)
     c = None if labels is None else labels.to(device)
     clean = guided_clean(model, c, w, guide)
-    z = inpaint(clean, model.schedule, known, view_mask(views, k).to(device), x, solver)
+    z = inpaint(clean, model.schedule, known, view_mask(views, k).to(device), x, solver, True)
     sprites = to_uint8(snap_to_grid(split_views(z), grid))  # (n V, 128, 128, 4)
     if solver.palette is not None:
         sprites = palette_pixels(sprites, solver.palette.colours)

@@ -170,13 +170,54 @@ def test_data_loss_is_the_velocity_loss_with_a_capped_weight(name, t0, seed, cap
         .flatten(1)
         .mean(1)
     )
-    loss = sf.flow_matching_loss(lambda x_t, t_, c: z_hat, z, t, eps, None, "data", name)
+    uncapped = sf.TrainConfig(schedule=name, weight_cap=0)
+    loss = sf.flow_matching_loss(lambda x_t, t_, c: z_hat, z, t, eps, None, uncapped)
     assert torch.allclose(loss, velocity_loss, rtol=1e-4)
-    capped = sf.flow_matching_loss(
-        lambda x_t, t_, c: z_hat, z, t, eps, None, "data", name, weight_cap=cap
-    )
+    recipe = sf.TrainConfig(schedule=name, weight_cap=cap)
+    capped = sf.flow_matching_loss(lambda x_t, t_, c: z_hat, z, t, eps, None, recipe)
     x_loss = (z_hat - z).pow(2).flatten(1).mean(1)
     assert torch.allclose(capped, torch.minimum(loss, cap * x_loss), rtol=1e-5)
+
+
+@given(schedules, st.floats(0.0, 0.99), seeds)
+def test_a_shown_view_is_clean_in_x_t_and_left_out_of_the_loss(name, t0, seed):
+    """Training with a view shown (views models): x_t[k] = z[k] for the shown view k, and the
+    loss is w(t) ||z_hat - z||^2 averaged over the other views only, whatever the network
+    says about view k."""
+    z, z_hat, eps = (tensors(seed + k, (3, 8, 4, 4)).float() for k in range(3))  # V = 2
+    t = torch.full((3,), t0)
+    shown = torch.tensor([[1.0] * 4 + [0.0] * 4, [0.0] * 4 + [1.0] * 4, [0.0] * 8])
+    shown = shown[:, :, None, None]  # character 0 shows view 0, 1 view 1, 2 none
+    seen = {}
+
+    def model(x_t, t_, c, out=z_hat):
+        seen["x_t"] = x_t
+        return out
+
+    cfg = sf.TrainConfig(schedule=name, weight_cap=0)
+    loss = sf.flow_matching_loss(model, z, t, eps, None, cfg, shown)
+    x_t = sf.sample_path(z, t, eps, name)
+    assert torch.equal(seen["x_t"], torch.where(shown.bool(), z, x_t))
+    other = lambda x_t, t_, c: z_hat + 5 * shown  # noqa: E731  differs on shown views only
+    assert torch.allclose(sf.flow_matching_loss(other, z, t, eps, None, cfg, shown), loss)
+    w = sf.data_coefficients(t, name, t)[0] ** 2
+    err = (z_hat - z).pow(2).unflatten(1, (2, 4)).flatten(2).mean(2)  # (3, V)
+    expected = w * torch.stack([err[0, 1], err[1, 0], err[2].mean()])
+    assert torch.allclose(loss, expected, rtol=1e-4)
+
+
+def test_shown_views_mark_one_whole_view_for_a_share_of_the_characters():
+    """shown_views: each character shows no view or exactly one (all 4 of its channels),
+    for about the asked share p of characters, each view equally often."""
+    gen = torch.Generator().manual_seed(0)
+    shown = sf.shown_views(20000, 4, 0.5, gen, torch.device("cpu"))[:, :, 0, 0]  # (n, 16)
+    per_view = shown.unflatten(1, (4, 4))  # (n, V, 4)
+    assert set(per_view.sum(2).unique().tolist()) <= {0.0, 4.0}
+    assert set(per_view.sum((1, 2)).unique().tolist()) == {0.0, 4.0}
+    share = (shown.sum(1) > 0).float().mean().item()
+    assert abs(share - 0.5) < 0.02
+    by_view = per_view[:, :, 0].mean(0)  # each view about p / V
+    assert torch.allclose(by_view, torch.full((4,), 0.125), atol=0.01)
 
 
 @given(inner_times, st.floats(0.1, 10.0))
@@ -619,11 +660,12 @@ def test_tiny_model_overfits_a_handful_of_sprites():
     g = torch.Generator().manual_seed(0)
     t_fix, eps_fix = torch.rand(32, generator=g) * 0.9, torch.randn(32, 4, 128, 128, generator=g)
     z_fix = z.repeat(8, 1, 1, 1)
+    uncapped = sf.TrainConfig(weight_cap=0)
 
     def fixed_loss():
         with torch.no_grad():
             return (
-                sf.flow_matching_loss(model, z_fix, t_fix, eps_fix, None, "data", "linear")
+                sf.flow_matching_loss(model, z_fix, t_fix, eps_fix, None, uncapped)
                 .mean()
                 .item()
             )
@@ -631,9 +673,7 @@ def test_tiny_model_overfits_a_handful_of_sprites():
     start = fixed_loss()
     for _ in range(80):
         t, eps = torch.rand(8, generator=g), torch.randn(8, 4, 128, 128, generator=g)
-        loss = sf.flow_matching_loss(
-            model, z.repeat(2, 1, 1, 1), t, eps, None, "data", "linear"
-        ).mean()
+        loss = sf.flow_matching_loss(model, z.repeat(2, 1, 1, 1), t, eps, None, uncapped).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1951,6 +1991,26 @@ def test_a_views_run_samples_each_character_as_one_row_of_its_views(views_run, m
         x, y = f["frame"]["x"], f["frame"]["y"]
         assert np.array_equal(sheet[y:y + 128, x:x + 128],
                               np.array(Image.open(tmp / "s" / f["filename"])))
+
+
+@pytest.mark.parametrize("method", ["multistep", "heun"])
+def test_inpainting_over_views_shows_the_network_the_given_view_at_every_call(method):
+    """inpaint(..., shown=True): at every call x_t's known view is y itself, as views models
+    are trained (section 7); the other views come from x_t, the noise at the first call."""
+    y = torch.rand(2, 8, 16, 16) * 2 - 1  # 2 characters of 2 views
+    m = sf.view_mask(2, 1)  # view 1 is given
+    calls = []
+
+    def clean(x_t, t):
+        calls.append(x_t.clone())
+        return torch.zeros_like(x_t)
+
+    x = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    z = sf.inpaint(clean, "linear", y, m, x, sf.Solver(method, 4), shown=True)
+    assert len(calls) >= 4
+    for x_t in calls:
+        assert torch.equal(x_t[:, 4:], y[:, 4:])
+    assert torch.equal(calls[0][:, :4], x[:, :4]) and torch.isfinite(z).all()
 
 
 def test_views_from_keeps_the_given_view_bit_for_bit(views_run, monkeypatch, capsys):
