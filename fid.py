@@ -1125,7 +1125,7 @@ def sample_checkpoint(path, args, device):
     labels = None
     if classes:  # spread over the classes as in training, as sample does
         labels = spriteflow.class_plan(args.num_samples, classes, ckpt["class_counts"])
-    w = spriteflow.default_guidance(bool(classes))
+    w = spriteflow.default_guidance(ckpt, labels)
     bf16, _ = spriteflow.decide_bf16(None, torch.device(device), ckpt=ckpt)
     print(f"sampling {args.num_samples} sprites from {path} ({sampler}, {steps} steps, "
           f"guidance {w:g}, bf16 {'on' if bf16 else 'off'})", file=sys.stderr)

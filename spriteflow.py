@@ -555,8 +555,9 @@ class UNet(nn.Module):
 # (40 calls) from 12 calls on. On a trained network the guesses are rougher:
 # at 20 calls it lands as close to a 200-call reference as Heun 20 with half the
 # calls, and its sprites measure the same as Heun 20's on the built-in set and
-# on real art, so multistep 20 is the default; with 10-15 calls it blurs real
-# game art (lab record, "A solver with one call per step").
+# on real art. With 30 calls it came 7-11 % closer to real game art (sets A
+# and B) than with 20, so multistep 30 is the default; with 10-15 calls it
+# blurs real game art (lab record, "A solver with one call per step").
 #
 # Guidance. A model trained with labels knows two fields: u(x, t, c) for class
 # c and u(x, t, -) with no class, the average over classes. Classifier-free
@@ -572,6 +573,17 @@ class UNet(nn.Module):
 # (guiding the guide's duller colours drives hues to saturated primaries).
 # It is not the default: on real game art its snapshot is too weak a guide and
 # every sprite comes out washed-out (lab record, "Guidance on real art").
+#
+# A folder without classes gets classes of its own (Hu et al. 2023,
+# "Self-guided diffusion models"): k-means splits the training sprites into C
+# groups by a cheap fixed feature, an 8x8 thumbnail of where each colour sits,
+# and the network learns u(x, t, group) as it would for classes. Sampling
+# draws each sprite's group in proportion to the groups' sizes, so the groups
+# together still draw p(x). What they buy is a simpler field: within one group
+# the sprites share a colour layout, and the network need not average over all
+# of them. On real set B, 16 groups at w = 1 came 9-17 % closer to the data
+# (two seeds); guiding with them (w = 2) pushed sprites 19-27 % away, so the
+# groups condition by default but do not guide (lab record, "Colour drift").
 #
 # Guiding the clean-sprite guess z_hat is the same as guiding u: u = a z_hat
 # + b x is affine in z_hat with coefficients that do not depend on the network,
@@ -611,7 +623,7 @@ class Solver:
     """How to integrate: the method, its steps, for the SDE the noise scale and seed, and a
     palette the guesses are held to (OnPalette, below), or None."""
     method: str = "multistep"
-    steps: int = 20
+    steps: int = 30
     sigma: float = 1.0
     seed: int = 0
     palette: object = None  # an OnPalette, or None
@@ -1600,10 +1612,10 @@ def load_training_data(cfg, ckpt, rank, world, device):
     else:
         grid = detect_grid(x, names) if cfg.grid == "auto" else int(cfg.grid)
     train_idx, val_idx = split_train_val(names, cfg.val_fraction, y)
-    centres = None
-    if not classes and cfg.groups:  # a flat folder: its own groups stand in for classes
-        centres = ckpt.get("group_centres") if ckpt else None
-        y, classes, centres = data_groups(x, train_idx, cfg.groups, centres)
+    centres = ckpt.get("group_centres") if ckpt else None
+    n_groups = min(cfg.groups, len(train_idx) // FEW_SPRITES)  # no group of a sprite or two
+    if not classes and (n_groups > 1 or centres is not None):  # a flat folder's own groups
+        y, classes, centres = data_groups(x, train_idx, n_groups, centres)
     if ckpt and classes != ckpt["classes"]:
         raise UserError(f"this run has the classes [{', '.join(ckpt['classes'])}] but the data "
                         f"has [{', '.join(classes)}]")
@@ -1710,8 +1722,8 @@ class TrainConfig:
     flip: bool = option(True, "random horizontal flips")
     labels: bool = option(True, "classes from subfolders; --no-labels trains one model for all")
     label_dropout: float = option(0.1, "share of steps without the class (for guidance)")
-    groups: int = option(0, "for data without classes: train with this many groups of "
-                            "similar sprites as classes, so that sample can guide; 0 = off")
+    groups: int = option(16, "for data without classes: train on this many groups of "
+                             "similar sprites as classes (at most one per 8 sprites); 0 = off")
     guide: str = option("auto", "keep an early EMA snapshot for sample --guidance with no "
                                 "classes (auto: when there are no classes)", ("auto", "on", "off"))
     guide_fraction: float = option(0.125, "share of the budget after which the guide is taken")
@@ -1722,7 +1734,7 @@ class TrainConfig:
     log_every: int = option(25, "steps between CSV rows")
     val_every: int = option(250, "steps between validation + checkpoint")
     sample_every: int = option(500, "steps between sample grids")
-    sample_steps: int = option(20, "solver steps for the sample grids (sample's default solver)")
+    sample_steps: int = option(30, "solver steps for the sample grids (sample's default solver)")
     seed: int = option(0, "random seed (runs are reproducible)")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", DEVICES)
     bf16: bool = option(None, "bf16 autocast (default: where a timed probe finds it faster)")
@@ -2755,7 +2767,7 @@ def fresh_folder(path):
 # -----------------------------------------------------------------------------
 
 CFG_GUIDANCE = 2.0  # classifier-free guidance's default w (lab record, "Guidance on real art")
-DEFAULT_SAMPLER, DEFAULT_STEPS = "multistep", 20  # sample's defaults; fid.py samples the same way
+DEFAULT_SAMPLER, DEFAULT_STEPS = "multistep", 30  # sample's defaults; fid.py samples the same way
 
 
 def class_plan(n, classes, counts, wanted=None):
@@ -2776,9 +2788,13 @@ def class_plan(n, classes, counts, wanted=None):
     return torch.tensor(labels, dtype=torch.long)
 
 
-def default_guidance(conditional):
-    """sample's default w: classifier-free guidance with classes, else none (w = 1)."""
-    return CFG_GUIDANCE if conditional else 1.0
+def default_guidance(ckpt, labels):
+    """sample's default w for these labels (or None): classifier-free guidance with the
+    user's classes, else none (w = 1); a flat folder's own groups condition but do not
+    guide (section 5)."""
+    if labels is None or ckpt.get("group_centres") is not None:
+        return 1.0
+    return CFG_GUIDANCE
 
 
 def guidance_text(w, labels, guide, ckpt):
@@ -2802,7 +2818,7 @@ def cmd_sample(args, model, guide, ckpt, device, out):
     conditional_edit = args.edit or args.views_from  # steered by --class only
     if ckpt["classes"] and not (conditional_edit and not wanted):
         labels = class_plan(args.n, ckpt["classes"], ckpt["class_counts"], wanted)
-    w = args.guidance if args.guidance is not None else default_guidance(labels is not None)
+    w = args.guidance if args.guidance is not None else default_guidance(ckpt, labels)
     grid = 1 if args.no_snap else ckpt["grid"]
     views = model.views
     if views > 1 and (args.edit or args.trajectory):
@@ -2942,7 +2958,7 @@ def cmd_interpolate(args, model, ckpt, device, out):
 # (model, family, bf16 flags, the vector kernels PyTorch picked) or the GPU. It
 # times full training steps (forward, backward, AdamW, EMA) of the default
 # model in fp32 and, where it can pay, bf16; sampling with the default solver
-# (multistep, 20 calls) and with Heun 20 (40 calls), unguided; and the
+# (multistep, 30 calls) and with Heun 20 (40 calls), unguided; and the
 # full-resolution twin (no pixel-unshuffle), to show what the unshuffle buys.
 # The last line is JSON.
 # -----------------------------------------------------------------------------

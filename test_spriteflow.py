@@ -1273,7 +1273,8 @@ def first_sprite(folder):
 
 def test_class_names_survive_the_checkpoint_and_guide_only_without_classes(class_run, tmp_path):
     """The checkpoint keeps the class names, counts and pixel grid; a class run trains no
-    guide, while a flat folder trains unconditionally with an autoguidance guide."""
+    guide, while a flat folder too small for groups of its own (fewer than 8 sprites a
+    group) trains unconditionally with an autoguidance guide."""
     model, guide, ckpt = sf.load_models(class_run[1])
     assert ckpt["classes"] == ["knight", "slime"] and ckpt["grid"] == 8  # 4-px art at 4x
     assert ckpt["class_counts"] == [4, 3]  # training sprites: a slime is held out for validation
@@ -1286,11 +1287,12 @@ def test_class_names_survive_the_checkpoint_and_guide_only_without_classes(class
 def test_a_flat_folder_samples_unguided_by_default_though_it_keeps_a_guide(
     tmp_path, monkeypatch, capsys
 ):
-    """A flat folder's checkpoint keeps the autoguidance guide, yet `sample` without
-    --guidance draws exactly the sprites of `--guidance 1`: on real game art the guide washed
-    every sprite out (lab record, "Guidance on real art"), so it steers only when asked."""
+    """A flat folder trained without groups keeps the autoguidance guide, yet `sample`
+    without --guidance draws exactly the sprites of `--guidance 1`: on real game art the
+    guide washed every sprite out (lab record, "Guidance on real art"), so it steers only
+    when asked."""
     data = write_sprites(tmp_path / "flat", 4)
-    flat = sf.train(tiny_config(data, tmp_path / "r", max_steps=2))
+    flat = sf.train(tiny_config(data, tmp_path / "r", max_steps=2, groups=0))
     sheets, said = {}, {}
     for name, extra in (("default", []), ("w1", ["--guidance", "1"]), ("w2", ["--guidance", "2"])):
         status, out, err = run_main(
@@ -1324,23 +1326,33 @@ def test_the_datas_own_groups_are_nearest_centre_clusters_largest_first():
     assert kept[0].tolist() == [1] * 3 + [0] * 5 and torch.equal(kept[2], centres)
 
 
-def test_a_flat_folder_with_groups_trains_on_them_and_samples_guided(
+def test_a_flat_folder_trains_on_its_own_groups_and_samples_them_unguided(
     tmp_path, monkeypatch, capsys
 ):
-    """train --groups C on a folder without classes: the groups become its classes (kept
-    with their centres in the checkpoint, so a resumed run labels the data alike), and
-    sample guides with them by default."""
-    data = write_sprites(tmp_path / "flat", 6)
-    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=2, groups=2))
+    """By default a folder without classes trains on groups of its own (at most one per 8
+    training sprites: 19 make 2), kept with their centres in the checkpoint so that a
+    resumed run labels the data alike. `sample` draws the groups in proportion and, by
+    default, does not guide with them (w = 1 drew closer to real art than w = 2); asked
+    for, --guidance 2 guides with the groups."""
+    data = write_sprites(tmp_path / "flat", 20)
+    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=2))
     model, guide, ckpt = sf.load_models(run / "last.pt")
     assert ckpt["classes"] == ["group1", "group2"] and model.n_classes == 2 and guide is None
     assert ckpt["group_centres"].shape == (2, 4 * 64)
     sf.train(tiny_config(data, tmp_path / "r", max_steps=4, resume=True))
     assert sf.load_models(run / "last.pt")[2]["step"] == 4
-    status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", run / "last.pt",
-                                "--n", 2, "--steps", 2, "--out", tmp_path / "s")
-    assert status == 0, err
-    assert "guidance 2 (the data's own groups)" in out + err
+    sheets, said = {}, {}
+    for name, extra in (("default", []), ("w1", ["--guidance", "1"]), ("w2", ["--guidance", "2"])):
+        status, out, err = run_main(
+            monkeypatch, capsys, "sample", "--checkpoint", run / "last.pt", "--n", 2,
+            "--steps", 2, "--out", tmp_path / name, *extra,
+        )
+        assert status == 0, err
+        sheets[name] = np.array(Image.open(tmp_path / name / "sheet.png"))
+        said[name] = out + err
+    assert np.array_equal(sheets["default"], sheets["w1"])
+    assert "guidance 1 (none)" in said["default"]
+    assert "guidance 2 (the data's own groups)" in said["w2"]
 
 
 def test_sample_by_class_writes_rows_and_a_sheet_that_slices_back(class_run):
@@ -3079,7 +3091,7 @@ def test_checkpoint_sampling_defaults_come_from_spriteflow(monkeypatch, capsys):
     images = fid.sample_checkpoint("run.pt", args, "cpu")
     assert images.shape == (2, 128, 128, 4) and images.dtype == np.uint8
     assert (calls[0]["sampler"], calls[0]["steps"], calls[0]["seed"]) == ("euler", 3, 7)
-    assert calls[0]["guidance"] == sf.default_guidance(False) and calls[0]["grid"] == 4
+    assert calls[0]["guidance"] == sf.default_guidance(ckpt, None) and calls[0]["grid"] == 4
     assert torch.equal(calls[0]["noise"], sf.gaussian_noise(2, 7))
     assert "(euler, 3 steps, guidance 1, bf16 " in capsys.readouterr().err
     args.sampler, args.steps = "heun", 5
