@@ -584,6 +584,8 @@ class UNet(nn.Module):
 # of them. On real set B, 16 groups at w = 1 came 9-17 % closer to the data
 # (two seeds); guiding with them (w = 2) pushed sprites 19-27 % away, so the
 # groups condition by default but do not guide (lab record, "Colour drift").
+# An edit, or the missing views of a given sprite (section 8), is conditioned
+# on the sprite's own group: the one whose centre is nearest to it.
 #
 # Guiding the clean-sprite guess z_hat is the same as guiding u: u = a z_hat
 # + b x is affine in z_hat with coefficients that do not depend on the network,
@@ -2788,6 +2790,18 @@ def class_plan(n, classes, counts, wanted=None):
     return torch.tensor(labels, dtype=torch.long)
 
 
+def own_group(ckpt, y, k, views, n):
+    """Labels (n,) for an edit or the missing views of the sprite y (1, 4, 128, 128) in a run
+    on a flat folder's own groups: the group whose centre is nearest to y on view k, so the
+    network is steered by the group the sprite would have trained in (section 5). None for
+    any other run."""
+    if ckpt.get("group_centres") is None:
+        return None
+    thumb = thumbnails(to_uint8(y, binary_alpha=False).permute(0, 3, 1, 2))  # (1, 4 * 64)
+    centres = ckpt["group_centres"].unflatten(1, (views, -1))[:, k]  # (C, 4 * 64): view k's part
+    return torch.cdist(thumb, centres).argmin(1).repeat(n)
+
+
 def default_guidance(ckpt, labels):
     """sample's default w for these labels (or None): classifier-free guidance with the
     user's classes, else none (w = 1); a flat folder's own groups condition but do not
@@ -2815,7 +2829,7 @@ def cmd_sample(args, model, guide, ckpt, device, out):
         raise UserError("this checkpoint was trained without classes, so --class cannot be used")
     wanted = args.class_names.split(",") if args.class_names else None
     labels = None
-    conditional_edit = args.edit or args.views_from  # steered by --class only
+    conditional_edit = args.edit or args.views_from  # by --class, or the sprite's own group
     if ckpt["classes"] and not (conditional_edit and not wanted):
         labels = class_plan(args.n, ckpt["classes"], ckpt["class_counts"], wanted)
     w = args.guidance if args.guidance is not None else default_guidance(ckpt, labels)
@@ -2865,6 +2879,8 @@ def cmd_edit(args, model, steering, ckpt, device, out):
     """sample --edit SPRITE --mask MASK: --n variations, repainted under the mask only."""
     guide, labels, w, grid, solver = steering
     y = read_sprite(args.edit, device).expand(args.n, -1, -1, -1)
+    if labels is None:
+        labels = own_group(ckpt, y[:1], 0, 1, args.n)
     mask = read_sprite(args.mask, device, "mask")
     m = ((mask[:, 3:] > 0) & (mask[:, :3].amax(1, keepdim=True) > -0.9)).float()  # (1, 1, H, W)
     if not m.any():
@@ -2899,6 +2915,8 @@ def cmd_views_from(args, model, steering, ckpt, device, out):
         raise UserError(f"--view must be below {views}, this checkpoint's number of views, "
                         f"got {k}")
     y = read_sprite(args.views_from, device)  # (1, 4, 128, 128)
+    if labels is None:
+        labels = own_group(ckpt, y, k, views, args.n)
     known = torch.zeros(args.n, 4 * views, 128, 128, device=device)
     known[:, 4 * k:4 * k + 4] = y
     x = gaussian_noise(args.n, args.seed, views).to(device)

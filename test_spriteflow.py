@@ -1333,7 +1333,7 @@ def test_a_flat_folder_trains_on_its_own_groups_and_samples_them_unguided(
     training sprites: 19 make 2), kept with their centres in the checkpoint so that a
     resumed run labels the data alike. `sample` draws the groups in proportion and, by
     default, does not guide with them (w = 1 drew closer to real art than w = 2); asked
-    for, --guidance 2 guides with the groups."""
+    for, --guidance 2 guides with the groups. An edit is drawn in the sprite's own group."""
     data = write_sprites(tmp_path / "flat", 20)
     run = sf.train(tiny_config(data, tmp_path / "r", max_steps=2))
     model, guide, ckpt = sf.load_models(run / "last.pt")
@@ -1353,6 +1353,19 @@ def test_a_flat_folder_trains_on_its_own_groups_and_samples_them_unguided(
     assert np.array_equal(sheets["default"], sheets["w1"])
     assert "guidance 1 (none)" in said["default"]
     assert "guidance 2 (the data's own groups)" in said["w2"]
+    sprite = data / "s7.png"
+    x, names, _, _ = sf.load_folder(data)
+    own = sf.data_groups(x, torch.arange(len(x)), 2, ckpt["group_centres"])[0]
+    mask = np.zeros((128, 128, 4), np.uint8)
+    mask[:64] = 255  # repaint the top half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", run / "last.pt",
+                                "--edit", sprite, "--mask", tmp_path / "mask.png", "--n", 2,
+                                "--steps", 2, "--out", tmp_path / "edit")
+    assert status == 0, err
+    frames = json.loads((tmp_path / "edit" / "sheet.json").read_text())["frames"]
+    group = ckpt["classes"][own[names.index("s7.png")]]
+    assert [f["class"] for f in frames] == ["original", group, group]
 
 
 def test_sample_by_class_writes_rows_and_a_sheet_that_slices_back(class_run):
