@@ -1284,6 +1284,20 @@ def test_class_names_survive_the_checkpoint_and_guide_only_without_classes(class
     assert model.n_classes == 0 and ckpt["classes"] == [] and guide is not None
 
 
+def sample_at_guidances(ckpt, tmp_path, monkeypatch, capsys):
+    """Sheets and summary lines of `sample` without --guidance ("default"), at 1 and at 2."""
+    sheets, said = {}, {}
+    for name, extra in (("default", []), ("w1", ["--guidance", "1"]), ("w2", ["--guidance", "2"])):
+        status, out, err = run_main(
+            monkeypatch, capsys, "sample", "--checkpoint", ckpt, "--n", 2,
+            "--steps", 2, "--out", tmp_path / name, *extra,
+        )
+        assert status == 0, err
+        sheets[name] = np.array(Image.open(tmp_path / name / "sheet.png"))
+        said[name] = out + err
+    return sheets, said
+
+
 def test_a_flat_folder_samples_unguided_by_default_though_it_keeps_a_guide(
     tmp_path, monkeypatch, capsys
 ):
@@ -1293,15 +1307,7 @@ def test_a_flat_folder_samples_unguided_by_default_though_it_keeps_a_guide(
     when asked."""
     data = write_sprites(tmp_path / "flat", 4)
     flat = sf.train(tiny_config(data, tmp_path / "r", max_steps=2, groups=0))
-    sheets, said = {}, {}
-    for name, extra in (("default", []), ("w1", ["--guidance", "1"]), ("w2", ["--guidance", "2"])):
-        status, out, err = run_main(
-            monkeypatch, capsys, "sample", "--checkpoint", flat / "last.pt", "--n", 2,
-            "--steps", 2, "--out", tmp_path / name, *extra,
-        )
-        assert status == 0, err
-        sheets[name] = np.array(Image.open(tmp_path / name / "sheet.png"))
-        said[name] = out + err
+    sheets, said = sample_at_guidances(flat / "last.pt", tmp_path, monkeypatch, capsys)
     assert np.array_equal(sheets["default"], sheets["w1"])
     assert "guidance 1 (none)" in said["default"]
     assert "guidance 2 (autoguidance)" in said["w2"]
@@ -1341,15 +1347,7 @@ def test_a_flat_folder_trains_on_its_own_groups_and_samples_them_unguided(
     assert ckpt["group_centres"].shape == (2, 4 * 64)
     sf.train(tiny_config(data, tmp_path / "r", max_steps=4, resume=True))
     assert sf.load_models(run / "last.pt")[2]["step"] == 4
-    sheets, said = {}, {}
-    for name, extra in (("default", []), ("w1", ["--guidance", "1"]), ("w2", ["--guidance", "2"])):
-        status, out, err = run_main(
-            monkeypatch, capsys, "sample", "--checkpoint", run / "last.pt", "--n", 2,
-            "--steps", 2, "--out", tmp_path / name, *extra,
-        )
-        assert status == 0, err
-        sheets[name] = np.array(Image.open(tmp_path / name / "sheet.png"))
-        said[name] = out + err
+    sheets, said = sample_at_guidances(run / "last.pt", tmp_path, monkeypatch, capsys)
     assert np.array_equal(sheets["default"], sheets["w1"])
     assert "guidance 1 (none)" in said["default"]
     assert "guidance 2 (the data's own groups)" in said["w2"]
