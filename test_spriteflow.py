@@ -2038,8 +2038,9 @@ def test_inpainting_over_views_shows_the_network_the_given_view_at_every_call(me
 
 def test_views_from_keeps_the_given_view_bit_for_bit(views_run, monkeypatch, capsys):
     """`sample --views-from SPRITE --view 2 --n 2 --class knight` draws two characters whose
-    view 2 is the sprite exactly as loaded, with three views drawn around it; it needs a
-    views checkpoint and a view number below V, and refuses --edit and --trajectory."""
+    view 2 is the sprite exactly as loaded, with three views drawn around it in the sprite's
+    own colours (--palette given, the default); it needs a views checkpoint and a view number
+    below V, and refuses --trajectory and --colours; --palette given needs --views-from."""
     tmp, ckpt = views_run
     given = tmp / "d" / "knight" / "c1" / "2.png"
     status, out, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", ckpt,
@@ -2047,13 +2048,17 @@ def test_views_from_keeps_the_given_view_bit_for_bit(views_run, monkeypatch, cap
                                 "--class", "knight", "--out", tmp / "vf")
     assert status == 0, err
     assert "view 2 from" in out and "the other 3 drawn" in out
+    kept = sf.load_rgba(given)
+    palette = {tuple(p) for p in kept[kept[..., 3] > 0][:, :3].tolist()}
     for c in range(2):
-        assert np.array_equal(np.array(Image.open(tmp / "vf" / f"sprite_{c:03d}_v2.png")),
-                              sf.load_rgba(given))
-        drawn = np.array(Image.open(tmp / "vf" / f"sprite_{c:03d}_v0.png"))
-        assert not np.array_equal(drawn, sf.load_rgba(given))
+        assert np.array_equal(np.array(Image.open(tmp / "vf" / f"sprite_{c:03d}_v2.png")), kept)
+        for v in (0, 1, 3):
+            drawn = np.array(Image.open(tmp / "vf" / f"sprite_{c:03d}_v{v}.png"))
+            assert not np.array_equal(drawn, kept)
+            assert {tuple(p) for p in drawn[drawn[..., 3] > 0][:, :3].tolist()} <= palette
     for extra, said in [(["--view", "4"], "--view must be below 4"),
-                        (["--trajectory"], "work on single sprites")]:
+                        (["--trajectory"], "work on single sprites"),
+                        (["--colours", "4"], "--colours cannot be used with --views-from")]:
         status, _, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", ckpt,
                                   "--views-from", given, "--out", tmp / "no", *extra)
         assert status == 2 and said in err, err
@@ -2061,6 +2066,9 @@ def test_views_from_keeps_the_given_view_bit_for_bit(views_run, monkeypatch, cap
     status, _, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", single / "last.pt",
                               "--views-from", given, "--out", tmp / "no")
     assert status == 2 and "needs a checkpoint trained with --views" in err
+    status, _, err = run_main(monkeypatch, capsys, "sample", "--checkpoint", ckpt,
+                              "--palette", "given", "--out", tmp / "no")
+    assert status == 2 and "--palette given takes the colours of the --views-from" in err
 
 
 # -----------------------------------------------------------------------------
