@@ -958,7 +958,7 @@ def test_bench_ends_with_one_json_line(monkeypatch, capsys):
     result = json.loads(out.strip().splitlines()[-1])
     speeds = {
         "train_img_s_fp32",
-        "sample_img_s_fp32_multistep20",
+        f"sample_img_s_fp32_{sf.DEFAULT_SAMPLER}{sf.DEFAULT_STEPS}",  # the default solver
         "sample_img_s_fp32_heun20",
         "full_res_train_img_s",
     }
