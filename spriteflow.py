@@ -2936,7 +2936,7 @@ def cmd_views_from(args, model, steering, ckpt, device, out):
     colours = None if solver.palette is None else solver.palette.colours
     palette_text = ""
     if args.palette in (None, "given"):  # the default: every view in the given view's colours
-        colours = kept[0][kept[0, :, :, 3] > 0][:, :3].unique(dim=0)  # (K, 3)
+        colours = colour_counts(kept.permute(0, 3, 1, 2))[0]  # (K, 3)
         palette_text = f", in the given view's {len(colours)} colours"
     if colours is not None and len(colours):
         sprites = palette_pixels(sprites, colours)
