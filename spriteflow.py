@@ -555,9 +555,10 @@ class UNet(nn.Module):
 # (40 calls) from 12 calls on. On a trained network the guesses are rougher:
 # at 20 calls it lands as close to a 200-call reference as Heun 20 with half the
 # calls, and its sprites measure the same as Heun 20's on the built-in set and
-# on real art. With 30 calls it came 7-11 % closer to real game art (sets A
-# and B) than with 20, so multistep 30 is the default; with 10-15 calls it
-# blurs real game art (lab record, "A solver with one call per step").
+# on real art. With 30 calls it came 3-20 % closer to real game art (sets A
+# and B, six checkpoints; a tie with set B's own groups) than with 20, so
+# multistep 30 is the default; with 10-15 calls it blurs real game art (lab
+# record, "Samplers").
 #
 # Guidance. A model trained with labels knows two fields: u(x, t, c) for class
 # c and u(x, t, -) with no class, the average over classes. Classifier-free
@@ -2798,14 +2799,14 @@ def class_plan(n, classes, counts, wanted=None):
     return torch.tensor(labels, dtype=torch.long)
 
 
-def own_group(ckpt, y, k, views, n):
-    """Labels (n,) for an edit or the missing views of the sprite y (1, 4, 128, 128) in a run
-    on a flat folder's own groups: the group whose centre is nearest to y on view k, so the
-    network is steered by the group the sprite would have trained in (section 5). None for
-    any other run."""
+def own_group(ckpt, sprite, k, views, n):
+    """Labels (n,) for an edit or the missing views of the uint8 sprite (1, 128, 128, 4) in a
+    run on a flat folder's own groups: the group whose centre is nearest to it on view k, so
+    the network is steered by the group the sprite would have trained in (section 5). None
+    for any other run."""
     if ckpt.get("group_centres") is None:
         return None
-    thumb = thumbnails(to_uint8(y, binary_alpha=False).permute(0, 3, 1, 2))  # (1, 4 * 64)
+    thumb = thumbnails(sprite.permute(0, 3, 1, 2))  # (1, 4 * 64)
     centres = ckpt["group_centres"].unflatten(1, (views, -1))[:, k]  # (C, 4 * 64): view k's part
     return torch.cdist(thumb, centres).argmin(1).repeat(n)
 
@@ -2888,7 +2889,7 @@ def cmd_edit(args, model, steering, ckpt, device, out):
     guide, labels, w, grid, solver = steering
     y = read_sprite(args.edit, device).expand(args.n, -1, -1, -1)
     if labels is None:
-        labels = own_group(ckpt, y[:1], 0, 1, args.n)
+        labels = own_group(ckpt, to_uint8(y[:1], binary_alpha=False), 0, 1, args.n)
     mask = read_sprite(args.mask, device, "mask")
     m = ((mask[:, 3:] > 0) & (mask[:, :3].amax(1, keepdim=True) > -0.9)).float()  # (1, 1, H, W)
     if not m.any():
@@ -2923,8 +2924,9 @@ def cmd_views_from(args, model, steering, ckpt, device, out):
         raise UserError(f"--view must be below {views}, this checkpoint's number of views, "
                         f"got {k}")
     y = read_sprite(args.views_from, device)  # (1, 4, 128, 128)
+    kept = to_uint8(y, binary_alpha=False)  # (1, 128, 128, 4): the given view, exactly as read
     if labels is None:
-        labels = own_group(ckpt, y, k, views, args.n)
+        labels = own_group(ckpt, kept, k, views, args.n)
     known = torch.zeros(args.n, 4 * views, 128, 128, device=device)
     known[:, 4 * k:4 * k + 4] = y
     x = gaussian_noise(args.n, args.seed, views).to(device)
@@ -2932,7 +2934,6 @@ def cmd_views_from(args, model, steering, ckpt, device, out):
     clean = guided_clean(model, c, w, guide)
     z = inpaint(clean, model.schedule, known, view_mask(views, k).to(device), x, solver, True)
     sprites = to_uint8(snap_to_grid(split_views(z), grid))  # (n V, 128, 128, 4)
-    kept = to_uint8(y, binary_alpha=False)  # (1, 128, 128, 4): the given view, exactly as read
     colours = None if solver.palette is None else solver.palette.colours
     palette_text = ""
     if args.palette in (None, "given"):  # the default: every view in the given view's colours
