@@ -2238,7 +2238,8 @@ class TrainingLog:
             raise UserError(f"cannot write to the run folder '{folder}': {e.strerror or e}")
         self.sums = torch.zeros(2 * T_BUCKETS + 2, device=data.train_x.device)
         self.steps, self.clock, self.elapsed = 0, time.time(), None
-        self.lr = lr_at(max(state.step - 1, 0), cfg.lr, cfg.warmup)  # until a step is taken
+        progress = run_progress(state.step, state.seconds, cfg)  # the LR of the step before
+        self.lr = lr_at(max(state.step - 1, 0), cfg.lr, cfg.warmup, progress, cfg.cooldown)
         self.start_step, self.started = state.step, time.time()
         self.saved_at = state.step if cfg.resume else None  # the newest checkpoint's step
         self.n_train = max(len(data.train_x) * world, 1)
