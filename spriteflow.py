@@ -556,7 +556,8 @@ class UNet(nn.Module):
 # 5. Samplers and guidance
 #
 # Sampling integrates from noise X_0 ~ N(0, I) at t=0 to a sprite at t=1 on a
-# grid t_0 = 0 < t_1 < ... < t_N = 1 with steps h_i = t_{i+1} - t_i.
+# grid t_0 = 0 < t_1 < ... < t_N = 1 with steps h_i = t_{i+1} - t_i. All of it
+# runs in the flow's colours (section 1); from_flow turns the sprite into RGB.
 #
 # Euler ODE (first order, global error O(h)):
 #     X_{i+1} = X_i + h_i u(X_i, t_i)
@@ -991,11 +992,14 @@ def lr_at(step, base_lr, warmup, progress=0.0, cooldown=0.0):
 #     t   ~ uniform, then shift_time (section 3)
 #     eps ~ N(0, I)
 #     c   -> "no class" with probability label_dropout (so guidance has u(x, t, -))
-#     x_t = alpha_t z + beta_t eps
-#     L   = || u_theta(x_t, t, c) - u_t(x_t | z) ||^2
+#     y   = to_flow(z)      (the flow's colours, section 1)
+#     x_t = alpha_t y + beta_t eps
+#     L   = || u_theta(x_t, t, c) - u_t(x_t | y) ||^2, the error read back in RGB
 #
 # With x-prediction the velocity loss is an x-loss in disguise:
 #     || u(z_hat) - u(z) ||^2 = w(t) || z_hat - z ||^2,  w(t) = a(t)^2  (= 1/(1-t)^2, linear path)
+# An error e in the flow's colours is measured as || from_flow(e) ||^2: chroma
+# errors count 1/b^2, so the loss is the RGB loss whatever b is.
 # w is 1 at t=0 and 400 at the BETA_MIN clamp: the nearly trivial end of the
 # path would dominate the gradient. Training caps w at weight_cap, so the
 # middle of the path, where colours are decided, learns much faster.
