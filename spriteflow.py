@@ -478,8 +478,8 @@ class UNet(nn.Module):
         head (B, 32, 32, 32) --conv--> (B, 64, 32, 32) --shuffle--> (B, 4, 128, 128)
 
     `target` and `schedule` say what the raw output means (section 3), `chroma` the
-    colours it works in (b, section 1; 1 = RGB, training gives CHROMA). With `views` = V the images are V stacked views,
-    x (B, 4V, 128, 128), and the stem takes 64V channels.
+    colours it works in (b, section 1; 1 = RGB, training gives CHROMA). With `views` = V
+    the images are V stacked views, x (B, 4V, 128, 128), and the stem takes 64V channels.
     """
 
     def __init__(self, channels=(32, 64, 128), blocks=2, unshuffle=4, target="data",
