@@ -175,8 +175,9 @@ def to_uint8(x, binary_alpha=True):
     return x
 
 
-# The flow does not work in RGB. A sprite's pixels are rotated onto one luminance
-# axis and two chroma axes, and the chroma is scaled down by b:
+# The flow may work in other colours than RGB (train --chroma b). A sprite's
+# pixels are rotated onto one luminance axis and two chroma axes, and the chroma
+# is scaled down by b:
 #
 #     y = D R rgb,   R = [ 1/sqrt3   1/sqrt3   1/sqrt3 ]    D = diag(1, b, b)
 #                        [ 1/sqrt2      0     -1/sqrt2 ]
@@ -187,10 +188,12 @@ def to_uint8(x, binary_alpha=True):
 # every axis, so the chroma's signal-to-noise ratio at t is b^2 times the
 # luminance's: a sprite's light and shade are decided first, its hues later on the
 # path, once the regions they fill are there. The loss weighs chroma errors by
-# 1/b^2, so it still measures RGB errors. In RGB, pixel art holds 4-8 times its
-# colours in near-miss hues; with b = 0.25 set B's samples held 16% fewer colours
-# at the same distance to the data (lab record, "Colour drift"). b = 1 is plain RGB.
-CHROMA = 0.25
+# 1/b^2, so it still measures RGB errors. Sampled in RGB, sprites hold 4-8 times
+# the art's colours, many in near-miss hues. With b = 0.25 a flat folder of real
+# characters (set B) drew 16-22% fewer colours at the same distance to the data,
+# a labelled one (set A) 10% fewer at a 36% greater distance (lab record, "Colour
+# drift"), so the default stays b = 1: plain RGB, to_flow the identity.
+CHROMA = 1.0
 
 
 def colour_axes(chroma, device=None):
@@ -478,7 +481,7 @@ class UNet(nn.Module):
         head (B, 32, 32, 32) --conv--> (B, 64, 32, 32) --shuffle--> (B, 4, 128, 128)
 
     `target` and `schedule` say what the raw output means (section 3), `chroma` the
-    colours it works in (b, section 1; 1 = RGB, training gives CHROMA). With `views` = V
+    colours it works in (b, section 1; 1 = RGB). With `views` = V
     the images are V stacked views, x (B, 4V, 128, 128), and the stem takes 64V channels.
     """
 
@@ -1781,8 +1784,9 @@ class TrainConfig:
                          TARGETS)
     t_shift: float = option(4.0, "shift s of the training times, t -> t / (t + s (1 - t))")
     weight_cap: float = option(3.0, "cap on the x-prediction loss weight 1/(1-t)^2; 0 = no cap")
-    chroma: float = option(CHROMA, "scale b of the two chroma axes the flow works in; below 1 "
-                                   "hues are decided after light and shade, 1 = plain RGB")
+    chroma: float = option(CHROMA, "scale b of the two chroma axes the flow works in: below 1 "
+                                   "hues are decided after light and shade (0.25: fewer colours "
+                                   "per sprite); 1 = plain RGB")
     channels: str = option("32,64,128", "U-Net widths per level, comma-separated")
     blocks: int = option(2, "residual blocks per level")
     unshuffle: int = option(0, "pixel-unshuffle factor; 0 = 4 on CPU, 2 on GPU", (0, 1, 2, 4))
@@ -1809,7 +1813,7 @@ class TrainConfig:
 
 
 POSITIVE = {"views", "batch_size", "lr", "grad_clip", "t_shift", "blocks", "log_every", "val_every",
-            "sample_every", "sample_steps", "warmup", "guide_fraction"}
+            "sample_every", "sample_steps", "warmup", "guide_fraction", "chroma"}
 
 
 def check_number(flag, value, positive):
@@ -2211,7 +2215,7 @@ def save_checkpoint(path, ckpt):
 
 
 # What a run made before an option existed did, where the option's default changed since.
-OLDER_RUNS = {"groups": 0, "chroma": 1.0}  # no groups; plain RGB
+OLDER_RUNS = {"groups": 0}  # no groups
 
 
 def stored_config(ckpt):

@@ -687,7 +687,7 @@ def test_tiny_model_overfits_a_handful_of_sprites():
             )
 
     start = fixed_loss()
-    for _ in range(120):  # the chroma, b^2 = 1/16 as strong against the noise, comes last
+    for _ in range(80):
         t, eps = torch.rand(8, generator=g), torch.randn(8, 4, 128, 128, generator=g)
         loss = sf.flow_matching_loss(model, z.repeat(2, 1, 1, 1), t, eps, None, uncapped).mean()
         opt.zero_grad()
@@ -876,13 +876,13 @@ def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_previous_one(tmp_p
     assert sf.read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 3
 
 
-def test_a_checkpoint_from_before_the_flow_colours_samples_in_rgb(tmp_path):
-    """A run's config without `chroma` (written before the flow had its own colours) trained
-    in plain RGB: it loads with b = 1, and a run of today's code with b = CHROMA."""
+def test_a_run_keeps_its_flow_colours_and_older_runs_sample_in_rgb(tmp_path):
+    """A run trained with --chroma 0.25 samples in those colours; a config without `chroma`
+    (written before the flow had its own colours) trained in plain RGB and loads with b = 1."""
     data = write_sprites(tmp_path / "d", 4)
-    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=1))
+    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=1, chroma=0.25))
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    assert sf.load_models(run / "last.pt")[0].chroma == sf.CHROMA == ckpt["config"]["chroma"]
+    assert sf.load_models(run / "last.pt")[0].chroma == 0.25 == ckpt["config"]["chroma"]
     del ckpt["config"]["chroma"]
     torch.save(ckpt, tmp_path / "old.pt")
     assert sf.load_models(tmp_path / "old.pt")[0].chroma == 1.0
@@ -1293,6 +1293,21 @@ def test_guidance_weight_one_is_the_conditional_model_and_zero_the_weak_one():
         two = sf.guided_clean(model, c, 2.0)(x, t)
         expected = (2 * model.clean(x, t, c) - model.clean(x, t, None)).clamp(-1, 1)
         assert torch.allclose(two, expected, atol=1e-5)
+
+
+def test_guidance_combines_and_clamps_rgb_guesses_whatever_the_flow_colours():
+    """With b = 0.25 the guesses are read in RGB, z = from_flow(model.clean), and
+    z_w = to_flow(clamp(z_weak + w (z_main - z_weak))): the clamp bounds RGB to [-1, 1],
+    where the flow's luminance of a white pixel is sqrt 3."""
+    model = perturbed(sf.UNet((16, 32), 1, 4, n_classes=3, chroma=0.25))
+    x, t, c = torch.randn(2, 4, 128, 128), torch.full((2,), 0.4), torch.tensor([0, 2])
+    with torch.no_grad():
+        z_main = sf.from_flow(model.clean(x, t, c), 0.25)
+        z_weak = sf.from_flow(model.clean(x, t, None), 0.25)
+        two = sf.guided_clean(model, c, 2.0)(x, t)
+    expected = sf.to_flow((z_weak + 2 * (z_main - z_weak)).clamp(-1, 1), 0.25)
+    assert torch.allclose(two, expected, atol=1e-5)
+    assert sf.from_flow(two, 0.25).abs().max() <= 1 + 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -1778,13 +1793,14 @@ def test_loader_scales_16_bit_warns_about_skipped_and_empty_files(tmp_path, monk
     [
         ["train", "--data", "imgs", "--run-dir", "afile/run"],
         ["train", "--data", "imgs", "--lr", "nan"],
+        ["train", "--data", "imgs", "--chroma", "0"],
         ["sample", "--checkpoint", "x.pt", "--guidance", "nan"],
         ["sample", "--checkpoint", "x.pt", "--sigma", "-1"],
     ],
 )
 def test_filesystem_errors_and_non_finite_flags_are_one_sentence(tmp_path, args):
-    """An uncreatable run folder, and NaN or negative numbers, end in one `error:` line and
-    exit 2, before any data is loaded."""
+    """An uncreatable run folder, and NaN, negative or (where it must be positive) zero
+    numbers, end in one `error:` line and exit 2, before any data is loaded."""
     write_sprites(tmp_path / "imgs", 2)
     (tmp_path / "afile").write_text("a file, not a folder")
     r = run_cli(*args, cwd=tmp_path)
