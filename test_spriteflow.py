@@ -157,26 +157,42 @@ def test_data_from_velocity_inverts_velocity_from_data(name, t0, seed, shape):
     assert torch.allclose(sf.data_from_velocity(u, x, t, name), z_hat, atol=1e-8)
 
 
-@given(schedules, st.floats(0.0, 1.0), seeds, st.floats(1.0, 50.0))
-def test_data_loss_is_the_velocity_loss_with_a_capped_weight(name, t0, seed, cap):
+@given(seeds, st.floats(0.05, 1.0))
+def test_the_flow_colours_are_luminance_and_scaled_chroma(seed, b):
+    """y = D R rgb: R orthonormal with the grey axis (1, 1, 1)/sqrt 3 first, D = diag(1, b, b).
+    So ||rgb|| = ||(y_L, y_1 / b, y_2 / b)||, a grey pixel has no chroma, alpha is untouched,
+    from_flow inverts to_flow, and b = 1 leaves RGB as it is."""
+    x = tensors(seed, (2, 8, 4, 4)).float()  # two views
+    x[:, 4:7] = x[:, 4:5]  # view 1 is grey
+    y = sf.to_flow(x, b).unflatten(1, (2, 4))  # (2, V, 4, 4, 4)
+    rgb = x.unflatten(1, (2, 4))[:, :, :3]
+    unscaled = torch.cat([y[:, :, :1], y[:, :, 1:3] / b], 2)
+    assert torch.allclose(unscaled.norm(dim=2), rgb.norm(dim=2), atol=1e-5)
+    assert torch.allclose(y[:, 1, 1:3], torch.zeros(2, 2, 4, 4), atol=1e-6)
+    assert torch.allclose(y[:, 1, 0], math.sqrt(3) * x[:, 4], atol=1e-5)
+    assert torch.equal(y[:, :, 3], x.unflatten(1, (2, 4))[:, :, 3])
+    assert torch.allclose(sf.from_flow(sf.to_flow(x, b), b), x, atol=1e-5)
+    assert torch.equal(sf.to_flow(x, 1), x)
+
+
+@given(schedules, st.floats(0.0, 1.0), seeds, st.floats(1.0, 50.0), st.sampled_from([1, 0.25]))
+def test_data_loss_is_the_velocity_loss_with_a_capped_weight(name, t0, seed, cap, b):
     """For x-prediction the training loss ||u(z_hat) - u(z)||^2 over velocities equals
-    w(t) ||z_hat - z||^2, and weight_cap replaces w(t) by min(w(t), cap)."""
+    w(t) ||z_hat - z||^2, and weight_cap replaces w(t) by min(w(t), cap). The path runs in
+    the flow's colours y = to_flow(z, b); both losses measure the errors back in RGB."""
     z, z_hat, eps = (tensors(seed + k, (2, 4, 8, 8)).float() for k in range(3))
     t = torch.full((2,), t0)
-    x = sf.sample_path(z, t, eps, name)
-    velocity_loss = (
-        (sf.velocity_from_data(z_hat, x, t, name) - sf.velocity_from_data(z, x, t, name))
-        .pow(2)
-        .flatten(1)
-        .mean(1)
-    )
-    uncapped = sf.TrainConfig(schedule=name, weight_cap=0)
+    y = sf.to_flow(z, b)
+    x = sf.sample_path(y, t, eps, name)
+    u_gap = sf.velocity_from_data(z_hat, x, t, name) - sf.velocity_from_data(y, x, t, name)
+    velocity_loss = sf.from_flow(u_gap, b).pow(2).flatten(1).mean(1)
+    uncapped = sf.TrainConfig(schedule=name, weight_cap=0, chroma=b)
     loss = sf.flow_matching_loss(lambda x_t, t_, c: z_hat, z, t, eps, None, uncapped)
-    assert torch.allclose(loss, velocity_loss, rtol=1e-4)
-    recipe = sf.TrainConfig(schedule=name, weight_cap=cap)
+    assert torch.allclose(loss, velocity_loss, rtol=1e-4, atol=1e-6)
+    recipe = sf.TrainConfig(schedule=name, weight_cap=cap, chroma=b)
     capped = sf.flow_matching_loss(lambda x_t, t_, c: z_hat, z, t, eps, None, recipe)
-    x_loss = (z_hat - z).pow(2).flatten(1).mean(1)
-    assert torch.allclose(capped, torch.minimum(loss, cap * x_loss), rtol=1e-5)
+    x_loss = (sf.from_flow(z_hat, b) - z).pow(2).flatten(1).mean(1)
+    assert torch.allclose(capped, torch.minimum(loss, cap * x_loss), rtol=1e-4, atol=1e-6)
 
 
 @given(schedules, st.floats(0.0, 0.99), seeds)
@@ -194,7 +210,7 @@ def test_a_shown_view_is_clean_in_x_t_and_left_out_of_the_loss(name, t0, seed):
         seen["x_t"] = x_t
         return out
 
-    cfg = sf.TrainConfig(schedule=name, weight_cap=0)
+    cfg = sf.TrainConfig(schedule=name, weight_cap=0, chroma=1)  # plain RGB: z is y
     loss = sf.flow_matching_loss(model, z, t, eps, None, cfg, shown)
     x_t = sf.sample_path(z, t, eps, name)
     assert torch.equal(seen["x_t"], torch.where(shown.bool(), z, x_t))
@@ -860,6 +876,18 @@ def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_previous_one(tmp_p
     assert sf.read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 3
 
 
+def test_a_run_keeps_its_flow_colours_and_older_runs_sample_in_rgb(tmp_path):
+    """A run trained with --chroma 0.25 samples in those colours; a config without `chroma`
+    (written before the flow had its own colours) trained in plain RGB and loads with b = 1."""
+    data = write_sprites(tmp_path / "d", 4)
+    run = sf.train(tiny_config(data, tmp_path / "r", max_steps=1, chroma=0.25))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert sf.load_models(run / "last.pt")[0].chroma == 0.25 == ckpt["config"]["chroma"]
+    del ckpt["config"]["chroma"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert sf.load_models(tmp_path / "old.pt")[0].chroma == 1.0
+
+
 def test_resume_takes_best_pt_when_it_is_all_that_is_left(tmp_path, capsys):
     """With last.pt gone and only best.pt left, --resume continues from best.pt and says so."""
     data = write_sprites(tmp_path / "d", 4)
@@ -1133,6 +1161,19 @@ def test_generate_is_seeded_and_binary_alpha():
         assert (a[..., :3][a[..., 3] == 0] == 0).all()
 
 
+def test_generate_returns_rgb_sprites_whatever_colours_the_flow_works_in(monkeypatch):
+    """A model in the flow's colours (b = 0.25) whose guess is always y = to_flow(z, b): the
+    multistep solver lands on y exactly at t = 1 (it holds the guess's line), and generate
+    hands back z in RGB, not y."""
+    model = sf.UNet((16, 32), 1, 4, chroma=0.25)
+    sprite = torch.zeros(1, 4, 128, 128, dtype=torch.uint8)
+    sprite[:, :, 32:96, 32:96] = torch.tensor([200, 100, 30, 255])[:, None, None]  # orange
+    z = sf.to_float(sprite)  # (1, 4, 128, 128): an orange block, transparent around it
+    monkeypatch.setattr(model, "clean", lambda x, t, c=None: sf.to_flow(z, 0.25).expand_as(x))
+    sprites = sf.generate(model, sf.gaussian_noise(2, 0), solver=sf.Solver("multistep", 3))
+    assert torch.equal(sprites, sf.to_uint8(z).expand(2, -1, -1, -1))
+
+
 def test_sheet_json_is_texture_packer_json_array(tmp_path):
     """sheet.json is exactly TexturePacker's JSON-array layout (as Phaser, PixiJS and Aseprite
     read it), plus each frame's class: compared with a hand-written file for two sprites of
@@ -1252,6 +1293,21 @@ def test_guidance_weight_one_is_the_conditional_model_and_zero_the_weak_one():
         two = sf.guided_clean(model, c, 2.0)(x, t)
         expected = (2 * model.clean(x, t, c) - model.clean(x, t, None)).clamp(-1, 1)
         assert torch.allclose(two, expected, atol=1e-5)
+
+
+def test_guidance_combines_and_clamps_rgb_guesses_whatever_the_flow_colours():
+    """With b = 0.25 the guesses are read in RGB, z = from_flow(model.clean), and
+    z_w = to_flow(clamp(z_weak + w (z_main - z_weak))): the clamp bounds RGB to [-1, 1],
+    where the flow's luminance of a white pixel is sqrt 3."""
+    model = perturbed(sf.UNet((16, 32), 1, 4, n_classes=3, chroma=0.25))
+    x, t, c = torch.randn(2, 4, 128, 128), torch.full((2,), 0.4), torch.tensor([0, 2])
+    with torch.no_grad():
+        z_main = sf.from_flow(model.clean(x, t, c), 0.25)
+        z_weak = sf.from_flow(model.clean(x, t, None), 0.25)
+        two = sf.guided_clean(model, c, 2.0)(x, t)
+    expected = sf.to_flow((z_weak + 2 * (z_main - z_weak)).clamp(-1, 1), 0.25)
+    assert torch.allclose(two, expected, atol=1e-5)
+    assert sf.from_flow(two, 0.25).abs().max() <= 1 + 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -1737,13 +1793,14 @@ def test_loader_scales_16_bit_warns_about_skipped_and_empty_files(tmp_path, monk
     [
         ["train", "--data", "imgs", "--run-dir", "afile/run"],
         ["train", "--data", "imgs", "--lr", "nan"],
+        ["train", "--data", "imgs", "--chroma", "0"],
         ["sample", "--checkpoint", "x.pt", "--guidance", "nan"],
         ["sample", "--checkpoint", "x.pt", "--sigma", "-1"],
     ],
 )
 def test_filesystem_errors_and_non_finite_flags_are_one_sentence(tmp_path, args):
-    """An uncreatable run folder, and NaN or negative numbers, end in one `error:` line and
-    exit 2, before any data is loaded."""
+    """An uncreatable run folder, and NaN, negative or (where it must be positive) zero
+    numbers, end in one `error:` line and exit 2, before any data is loaded."""
     write_sprites(tmp_path / "imgs", 2)
     (tmp_path / "afile").write_text("a file, not a folder")
     r = run_cli(*args, cwd=tmp_path)
