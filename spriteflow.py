@@ -191,7 +191,7 @@ def to_uint8(x, binary_alpha=True):
 # 1/b^2, so it still measures RGB errors. Sampled in RGB, sprites hold 4-8 times
 # the art's colours, many in near-miss hues. With b = 0.25 a flat folder of real
 # characters (set B) drew 16-22% fewer colours at the same distance to the data,
-# and the built-in set 25% fewer at a 9% smaller one, but labelled real creatures
+# and the built-in set 19-25% fewer at -9% and +5%, but labelled real creatures
 # (set A) only 3-10% fewer at a 13-36% greater distance (lab record, "Colour
 # drift"). So the default stays b = 1, plain RGB, where to_flow is the identity.
 CHROMA = 1.0
