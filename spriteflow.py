@@ -197,12 +197,12 @@ def to_uint8(x, binary_alpha=True):
 CHROMA = 1.0
 
 
-def colour_axes(chroma, device=None):
+def colour_axes(chroma):
     """D R (3, 3): the rows are the luminance and two chroma axes, the chroma scaled by b."""
     r = torch.tensor([[1 / math.sqrt(3), 1 / math.sqrt(3), 1 / math.sqrt(3)],
                       [1 / math.sqrt(2), 0.0, -1 / math.sqrt(2)],
-                      [1 / math.sqrt(6), -2 / math.sqrt(6), 1 / math.sqrt(6)]], device=device)
-    return r * torch.tensor([1.0, chroma, chroma], device=device)[:, None]
+                      [1 / math.sqrt(6), -2 / math.sqrt(6), 1 / math.sqrt(6)]])
+    return r * torch.tensor([1.0, chroma, chroma])[:, None]
 
 
 def recolour(x, m):
@@ -218,8 +218,9 @@ def to_flow(x, chroma):
 
 
 def from_flow(x, chroma):
-    """The flow's colours -> RGBA, the inverse of to_flow."""
-    return x if chroma == 1 else recolour(x, torch.linalg.inv(colour_axes(chroma)))
+    """The flow's colours -> RGBA, the inverse of to_flow: R is orthonormal, so
+    (D R)^-1 = R^T D^-1, which is the transpose of colour_axes(1 / b)."""
+    return x if chroma == 1 else recolour(x, colour_axes(1 / chroma).T)
 
 # -----------------------------------------------------------------------------
 # 2. Noise schedules
